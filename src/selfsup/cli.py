@@ -1,0 +1,120 @@
+"""Command line: ``selfsup train | eval | recipes``. Thin: parse, load the config, call the library."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import yaml
+
+from selfsup.config import Config, ConfigError, config_from_dict, load_config, parse_override, set_dotted
+
+RECIPES = Path(__file__).parent / "configs"
+
+
+def find_recipe(word: str) -> Path:
+    """A YAML path, or the bare name of a packaged recipe (``quickstart``, ``msf_resnet50_imagenet``)."""
+    path = Path(word)
+    if path.is_file():
+        return path
+    packaged = RECIPES / (word if word.endswith((".yaml", ".yml")) else f"{word}.yaml")
+    if packaged.is_file():
+        return packaged
+    packaged = RECIPES / Path(word).name
+    if packaged.is_file():
+        return packaged
+    names = sorted(p.stem for p in RECIPES.glob("*.yaml"))
+    raise ConfigError(f"recipe {word!r} not found; give a YAML path or one of: {', '.join(names)}")
+
+
+def config_for_train(args: argparse.Namespace) -> Config:
+    words = list(args.words)
+    recipe = None
+    if words and "=" not in words[0]:
+        recipe = find_recipe(words.pop(0))
+    elif not args.resume:
+        recipe = RECIPES / "quickstart.yaml"
+    if args.resume:
+        from selfsup.engine.checkpoint import load_checkpoint, resolve_checkpoint
+
+        checkpoint = resolve_checkpoint(args.resume)
+        raw = load_checkpoint(checkpoint)["config"]
+        for word in words:
+            set_dotted(raw, *parse_override(word))
+        run_dir = checkpoint.parent
+        raw["train"].update(output_dir=str(run_dir.parent), run_name=run_dir.name)
+        return config_from_dict(raw)
+    return load_config(recipe, words)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from selfsup.engine.trainer import train
+
+    cfg = config_for_train(args)
+    if args.print_config:
+        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        return 0
+    train(cfg, resume=args.resume)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from selfsup.eval.run import evaluate_checkpoint
+
+    protocols = [p.strip() for p in args.protocol.split(",") if p.strip()]
+    results = evaluate_checkpoint(args.checkpoint, protocols, args.words, random_init=args.random_init,
+                                  device=args.device)
+    if args.json:
+        print(json.dumps(results, indent=2))
+    return 0
+
+
+def cmd_recipes(args: argparse.Namespace) -> int:
+    for path in sorted(RECIPES.glob("*.yaml")):
+        first = path.read_text().splitlines()[0].lstrip("# ").strip()
+        print(f"{path.stem:40s} {first}")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="selfsup", description="Self-supervised visual representation learning.")
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="pre-train a backbone (no argument: the built-in quickstart)")
+    t.add_argument("words", nargs="*", metavar="RECIPE|key=value",
+                   help="a recipe (YAML path or packaged name) followed by dotted overrides, e.g. train.epochs=10")
+    t.add_argument("--resume", metavar="RUN_OR_CHECKPOINT",
+                   help="continue a run exactly where it stopped (its saved config, plus overrides)")
+    t.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    t.set_defaults(func=cmd_train)
+    e = sub.add_parser("eval", help="evaluate the backbone of a run or checkpoint")
+    e.add_argument("checkpoint", metavar="RUN_OR_CHECKPOINT")
+    e.add_argument("words", nargs="*", metavar="key=value", help="overrides, e.g. data.path=... eval.knn_k=200")
+    e.add_argument("--protocol", default="knn,nn", help="comma-separated: knn, nn (default knn,nn)")
+    e.add_argument("--random-init", action="store_true", help="also score the same backbone at initialisation")
+    e.add_argument("--device", default=None, help="cpu | cuda (default: the run's train.device)")
+    e.add_argument("--json", action="store_true", help="also print the scores as JSON")
+    e.set_defaults(func=cmd_eval)
+    r = sub.add_parser("recipes", help="list the packaged recipes")
+    r.set_defaults(func=cmd_recipes)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    from selfsup.data.datasets import DataFormatError, ImageLoadError
+    from selfsup.engine.checkpoint import CheckpointError
+
+    try:
+        return args.func(args)
+    except (ConfigError, CheckpointError, FileNotFoundError, ImageLoadError, DataFormatError) as error:
+        print(f"selfsup: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("selfsup: interrupted; the last checkpoint is kept in the run folder", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,329 @@
+"""Typed configuration: dataclass sections, YAML recipes and dotted ``key=value`` overrides.
+
+A recipe is a YAML mapping with the sections of :class:`Config`. Overrides are words such as
+``train.epochs=100`` or ``method=msf`` (selects a method with its paper defaults). Every key and
+value is checked against the dataclasses; a mistake is one :class:`ConfigError` naming the key and
+the nearest valid spelling.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class ConfigError(ValueError):
+    """A recipe or override that does not fit the configuration schema."""
+
+
+@dataclass
+class DataConfig:
+    name: str = "digits"  # digits | fashion-mnist | imagefolder | cifar10 | cifar100 | stl10 | synthetic
+    path: str | None = None  # data-set root; None uses the data set's default location
+    image_size: int = 32  # side of the training crops fed to the backbone
+    train_split: str = "train"  # split used for self-supervised training
+    val_split: str = "val"  # held-out split for monitors and evaluation
+    subset: int | None = None  # use only the first N training images (quick experiments)
+    num_workers: int = 0  # DataLoader worker processes
+    skip_corrupt: bool = False  # skip (and count) unreadable images instead of stopping the run
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    blur: bool = True  # Gaussian blur in AUG+ (sigma scaled by image_size / 224)
+    eval_crop_ratio: float = 0.875  # eval transform: Resize(size / ratio) -> CenterCrop(size); 224/256
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "resnet_mini"  # see selfsup.models.backbones.BACKBONES
+    small_stem: bool = True  # CIFAR stem: 3x3 stride-1 conv and no max-pool (small images)
+    zero_init_residual: bool = False
+
+
+@dataclass
+class MethodConfig:
+    """Base of every method's hyper-parameters; each method registers a subclass under ``name``."""
+
+    name: str = "moco"
+
+
+@dataclass
+class OptimConfig:
+    name: str = "sgd"  # sgd | adamw
+    lr: float = 0.03  # learning rate at the reference batch size below
+    reference_batch_size: int | None = None  # scale lr linearly by batch_size / this (None: no scaling)
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    nesterov: bool = False
+    schedule: str = "cosine"  # cosine | step | constant
+    per_step: bool = False  # update the schedule every step instead of every epoch (seeds: per epoch)
+    min_lr: float = 0.0  # floor of the cosine schedule
+    lr_decay_epochs: list[int] = field(default_factory=list)  # milestones of the step schedule
+    lr_decay_rate: float = 0.1  # factor applied at each milestone
+    warmup_epochs: float = 0.0  # linear warm-up from 0 before the schedule
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 200
+    batch_size: int = 256  # total over all processes
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
+    channels_last: bool | None = None  # None: on for CUDA
+    compile: bool = False  # torch.compile the method
+    threads: int | None = None  # torch intra-op threads on CPU (None: torch's default)
+    drop_last: bool = True
+    output_dir: str = "runs"
+    run_name: str | None = None  # None: <method>-<data>-<timestamp>
+    resume: str | None = None  # a checkpoint path, a run folder, or "auto" (continue the latest in run_name)
+    checkpoint_every_epochs: int = 1
+    checkpoint_every_minutes: float = 30.0  # also save mid-epoch this often (long epochs)
+    log_every_steps: int = 10
+    max_steps: int | None = None  # stop after this many optimiser steps (debugging, tests)
+    progress_bar: bool = True
+
+
+@dataclass
+class EvalConfig:
+    protocols: list[str] = field(default_factory=lambda: ["knn", "nn"])  # run at the end of training
+    at_end: bool = True
+    compare_random_init: bool = True  # also evaluate the backbone at its initialisation
+    knn_k: int = 20
+    knn_temperature: float = 0.07
+    monitor_every_epochs: int = 0  # kNN monitor on the val split every N epochs (0: off)
+    batch_size: int = 256
+
+
+@dataclass
+class LauncherConfig:
+    name: str = "local"  # local (also under torchrun) | slurm
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _plain(dataclasses.asdict(self))
+
+
+# ---------------------------------------------------------------------------------------------
+# method registry
+
+METHOD_CONFIGS: dict[str, type[MethodConfig]] = {}
+
+
+def register_method_config(cls: type[MethodConfig]) -> type[MethodConfig]:
+    """Class decorator: make ``method=<cls.name>`` select this hyper-parameter set."""
+    METHOD_CONFIGS[cls.name] = cls
+    return cls
+
+
+def _method_configs() -> dict[str, type[MethodConfig]]:
+    import selfsup.methods  # noqa: F401  (registers every method)
+
+    return METHOD_CONFIGS
+
+
+# ---------------------------------------------------------------------------------------------
+# loading
+
+
+def load_config(recipe: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Build a :class:`Config` from an optional YAML recipe and dotted overrides."""
+    raw: dict[str, Any] = {}
+    if recipe is not None:
+        raw = read_yaml(recipe)
+    for word in overrides or []:
+        key, value = parse_override(word)
+        set_dotted(raw, key, value)
+    return config_from_dict(raw)
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"recipe {str(path)!r} not found; recipes live in configs/ (e.g. configs/quickstart.yaml)")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"recipe {str(path)!r} is not valid YAML: {error}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"recipe {str(path)!r} must be a mapping of sections, got {type(raw).__name__}")
+    return raw
+
+
+def parse_override(word: str) -> tuple[str, Any]:
+    if "=" not in word:
+        raise ConfigError(f"override {word!r} must look like section.key=value (e.g. train.epochs=10)")
+    key, text = word.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {word!r} has no key before '='")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        value = text
+    return key, value
+
+
+def set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = raw
+    for depth, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None or not isinstance(child, dict):
+            if part == "method" and isinstance(child, str):
+                child = {"name": child}  # method=msf earlier, method.topk=5 now
+            elif child is not None:
+                raise ConfigError(f"cannot set {key!r}: {'.'.join(parts[: depth + 1])!r} is not a section")
+            else:
+                child = {}
+            node[part] = child
+        node = child
+    last = parts[-1]
+    if len(parts) == 1 and last == "method" and isinstance(value, str):
+        value = {"name": value}  # method=msf: that method with its paper defaults
+    node[last] = value
+
+
+def config_from_dict(raw: dict[str, Any]) -> Config:
+    raw = dict(raw)
+    method_raw = raw.pop("method", None)
+    if isinstance(method_raw, str):
+        method_raw = {"name": method_raw}
+    cfg = _build(Config, raw, "")
+    cfg.method = build_method_config(method_raw or {})
+    return cfg
+
+
+def build_method_config(raw: dict[str, Any]) -> MethodConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"'method' must be a mapping or a method name, got {raw!r}")
+    registry = _method_configs()
+    name = raw.get("name", MethodConfig.name)
+    if name not in registry:
+        raise ConfigError(f"method.name={name!r} is not a method{_suggest(str(name), registry)}; "
+                          f"choose one of {sorted(registry)}")
+    return _build(registry[name], raw, "method.")
+
+
+def _suggest(word: str, choices: typing.Iterable[str], prefix: str = "") -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.5)
+    return f" (did you mean {prefix + close[0]!r}?)" if close else ""
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in fields:
+            raise ConfigError(f"unknown key {prefix}{key}{_suggest(str(key), fields, prefix)}; "
+                              f"valid keys of {prefix.rstrip('.') or 'the config'}: {', '.join(fields)}")
+    kwargs = {}
+    for name, value in raw.items():
+        kind = hints[name]
+        if dataclasses.is_dataclass(kind):
+            kwargs[name] = _build(kind, value or {}, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(value, kind, f"{prefix}{name}")
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, kind: Any, key: str) -> Any:
+    origin = typing.get_origin(kind)
+    args = typing.get_args(kind)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, option, key)
+            except ConfigError as error:
+                errors.append(str(error))
+        raise ConfigError(errors[0] if errors else f"{key} got {value!r}")
+    if origin in (list, tuple):
+        if isinstance(value, str):  # "140,180" as the seeds write it
+            value = [v for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} expects a list, got {value!r} (write {key}=[a,b])")
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ConfigError(f"{key} expects {len(args)} values, got {len(value)}: {value!r}")
+            return tuple(_coerce(v, a, key) for v, a in zip(value, args, strict=True))
+        item = args[0] if args else Any
+        coerced = [_coerce(v, item, key) for v in value]
+        return tuple(coerced) if origin is tuple else coerced
+    if kind is Any:
+        return value
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key} expects true or false, got {value!r}")
+    if kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(float(value)) if float(value).is_integer() else _bad(key, value, "an integer")
+            except ValueError:
+                pass
+        return _bad(key, value, "an integer")
+    if kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        return _bad(key, value, "a number")
+    if kind is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        return _bad(key, value, "a string")
+    raise ConfigError(f"{key}: unsupported type {kind}")
+
+
+def _bad(key: str, value: Any, expected: str) -> Any:
+    raise ConfigError(f"{key} expects {expected}, got {value!r}")
+
+
+def _plain(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def check_choice(key: str, value: str, choices: typing.Iterable[str]) -> None:
+    """Raise one clear error when ``value`` is not among ``choices``."""
+    choices = list(choices)
+    if value not in choices:
+        raise ConfigError(f"{key}={value!r} is not valid{_suggest(value, choices)}; choose one of {choices}")

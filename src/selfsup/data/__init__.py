@@ -1,0 +1,1 @@
+"""Data sets, augmentations and loaders."""

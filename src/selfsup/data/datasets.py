@@ -1,0 +1,564 @@
+"""Registry of labelled image data sets, all read offline from their usual on-disk formats.
+
+Every data set is an :class:`ImageDataset`: ``ds[i]`` is ``(RGB PIL image, label)``, ``ds.targets``
+holds all labels without decoding images, and ``ds.describe(i)`` names the sample in error messages.
+``build_dataset(cfg, split)`` picks one by ``cfg.name``. Array-backed sets (digits, Fashion-MNIST,
+CIFAR, STL-10, synthetic) are decoded once per process and shared by their splits.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import pickle
+import warnings
+import zlib
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch.utils.data
+from PIL import Image
+
+from selfsup.config import ConfigError, DataConfig, check_choice
+
+
+class ImageLoadError(RuntimeError):
+    """An image file that PIL cannot open or decode."""
+
+
+class DataFormatError(RuntimeError):
+    """A data-set file whose contents do not match its format (truncated, wrong header, ...)."""
+
+
+class CorruptImageWarning(UserWarning):
+    """An unreadable image was skipped (``data.skip_corrupt=true``)."""
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Base class: ``ds[i] -> (PIL RGB image, int label)``; label -1 marks unlabelled images."""
+
+    name: str = ""
+    split: str = ""
+    classes: list[str]
+    targets: np.ndarray  # int64 labels of all images, cheap (no decoding)
+    skipped: int = 0  # distinct unreadable images skipped in this process (skip_corrupt)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i: int) -> tuple[Image.Image, int]:
+        raise NotImplementedError
+
+    def describe(self, i: int) -> str:
+        return f"{self.name}/{self.split}[{i}]"
+
+    def keep_first(self, n: int) -> None:
+        """Keep only the first ``n`` images (in place)."""
+        raise NotImplementedError
+
+    def _check_index(self, i: int) -> int:
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"index {i} out of range for {self.name}/{self.split} with {n} images")
+        return i % n
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}({self.name}/{self.split}: {len(self)} images, "
+                f"{self.num_classes} classes)")
+
+
+def _to_rgb(array: np.ndarray) -> Image.Image:
+    """uint8 HxW (grey) or HxWx3 array -> RGB PIL image."""
+    array = np.ascontiguousarray(array)
+    if array.ndim == 2:
+        return Image.fromarray(array).convert("RGB")
+    return Image.fromarray(array)
+
+
+class ArrayDataset(ImageDataset):
+    """Images held as uint8 arrays (in memory or memory-mapped), one or more concatenated parts."""
+
+    def __init__(self, name: str, split: str, parts: Sequence[Any], targets: np.ndarray,
+                 classes: list[str]) -> None:
+        self.name, self.split, self.classes = name, split, list(classes)
+        self.parts = list(parts)  # each indexable: part[j] -> HxW or HxWx3 uint8 array
+        self.targets = np.asarray(targets, dtype=np.int64)
+        self._offsets = np.cumsum([0] + [len(p) for p in self.parts])
+        if self._offsets[-1] != len(self.targets):
+            raise DataFormatError(f"{name}/{split}: {self._offsets[-1]} images but "
+                                  f"{len(self.targets)} labels")
+
+    def __getitem__(self, i: int) -> tuple[Image.Image, int]:
+        i = self._check_index(i)
+        part = int(np.searchsorted(self._offsets, i, side="right")) - 1
+        return _to_rgb(self.parts[part][i - self._offsets[part]]), int(self.targets[i])
+
+    def keep_first(self, n: int) -> None:
+        self.targets = self.targets[:n]
+
+
+# ---------------------------------------------------------------------------------------------
+# registry
+
+DatasetBuilder = Callable[[DataConfig, str], ImageDataset]
+DATASETS: dict[str, DatasetBuilder] = {}
+
+# decoded arrays shared by the builds of one process, keyed by file path (+ size and mtime)
+_CACHE: dict[tuple[Any, ...], Any] = {}
+
+
+def register_dataset(name: str) -> Callable[[DatasetBuilder], DatasetBuilder]:
+    """Decorator: make ``data.name=<name>`` build a data set with ``builder(cfg, split)``."""
+
+    def decorate(builder: DatasetBuilder) -> DatasetBuilder:
+        DATASETS[name] = builder
+        return builder
+
+    return decorate
+
+
+def build_dataset(cfg: DataConfig, split: str) -> ImageDataset:
+    """The ``split`` (e.g. ``cfg.train_split``) of data set ``cfg.name``; ``cfg.subset`` trims training."""
+    check_choice("data.name", cfg.name, DATASETS)
+    dataset = DATASETS[cfg.name](cfg, split)
+    if cfg.subset is not None and split == cfg.train_split:
+        if cfg.subset <= 0:
+            raise ConfigError(f"data.subset must be a positive number of images or null, got {cfg.subset}")
+        dataset.keep_first(cfg.subset)
+    return dataset
+
+
+def _check_split(cfg: DataConfig, split: str, valid: Sequence[str]) -> None:
+    key = ("data.train_split" if split == cfg.train_split
+           else "data.val_split" if split == cfg.val_split else "split")
+    try:
+        check_choice(key, split, valid)
+    except ConfigError as error:
+        raise ConfigError(f"{error} (splits of data set {cfg.name!r})") from None
+
+
+def _file_key(path: Path) -> tuple[str, int, int]:
+    stat = path.stat()
+    return str(path.resolve()), stat.st_size, stat.st_mtime_ns
+
+
+def _find_folder(root: Path, sub: str, marker: str) -> Path | None:
+    """``root/sub`` or ``root`` itself, whichever holds ``marker``."""
+    for folder in (root / sub, root):
+        if (folder / marker).is_file():
+            return folder
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# digits: scikit-learn's bundled 8x8 handwritten digits
+
+
+def _digits() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    if "digits" not in _CACHE:
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
+
+        bunch = load_digits()
+        images = np.round(bunch.images * (255.0 / 16.0)).astype(np.uint8)  # 0..16 -> 0..255
+        labels = bunch.target.astype(np.int64)
+        train, val = train_test_split(np.arange(len(labels)), test_size=0.25, random_state=0, stratify=labels)
+        _CACHE["digits"] = (images[train], labels[train], images[val], labels[val])
+    return _CACHE["digits"]
+
+
+@register_dataset("digits")
+def _build_digits(cfg: DataConfig, split: str) -> ImageDataset:
+    _check_split(cfg, split, ["train", "val", "test"])
+    train_x, train_y, val_x, val_y = _digits()
+    x, y = (train_x, train_y) if split == "train" else (val_x, val_y)
+    return ArrayDataset("digits", split, [x], y, [str(d) for d in range(10)])
+
+
+# ---------------------------------------------------------------------------------------------
+# Fashion-MNIST: idx files (gzip-compressed or plain)
+
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                         "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+_FASHION_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+                  "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+
+
+def read_idx(path: str | Path, ndim: int) -> np.ndarray:
+    """Parse an idx file of uint8 values (``.gz`` or plain) with ``ndim`` dimensions."""
+    path = Path(path)
+    try:
+        if path.suffix == ".gz":
+            with gzip.open(path, "rb") as f:
+                raw = f.read()
+        else:
+            raw = path.read_bytes()
+    except (EOFError, zlib.error, gzip.BadGzipFile) as error:
+        raise DataFormatError(f"{path} is not a readable gzip file ({error}); "
+                              "re-install or replace it") from None
+    # header: two zero bytes, type code 0x08 (uint8), number of dimensions, then big-endian int32 sizes
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08 or raw[3] != ndim:
+        raise DataFormatError(f"{path} is not a uint8 idx file with {ndim} dimension(s) "
+                              f"(magic bytes {raw[:4].hex() or 'missing'}, expected 000008{ndim:02x})")
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise DataFormatError(f"{path} is truncated: its header is incomplete")
+    shape = tuple(int(s) for s in np.frombuffer(raw, dtype=">i4", count=ndim, offset=4))
+    expected = header + int(np.prod(shape))
+    if len(raw) != expected:
+        raise DataFormatError(f"{path} holds {len(raw)} bytes but its header {shape} implies {expected} "
+                              "(truncated or corrupt file)")
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
+
+
+def _find_idx(folder: Path, stem: str) -> Path | None:
+    for name in (stem + ".gz", stem):
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def _fashion_mnist(root: Path, part: str) -> tuple[np.ndarray, np.ndarray]:
+    stems = _FASHION_FILES[part]
+    files: list[Path] = []
+    for stem in stems:
+        found = next((f for folder in (root, root / "FashionMNIST" / "raw")
+                      if (f := _find_idx(folder, stem)) is not None), None)
+        if found is None:
+            raise FileNotFoundError(
+                f"Fashion-MNIST file {stem}.gz not found in {root}: install the data set with "
+                f"`apt-get install dataset-fashion-mnist` (files go to {FASHION_MNIST_DIR}) or set "
+                "data.path=<folder with the four idx .gz files>")
+        files.append(found)
+    key = ("fashion-mnist", *_file_key(files[0]), *_file_key(files[1]))
+    if key not in _CACHE:
+        images, labels = read_idx(files[0], 3), read_idx(files[1], 1)
+        if len(images) != len(labels):
+            raise DataFormatError(f"{files[0]} has {len(images)} images but "
+                                  f"{files[1]} has {len(labels)} labels")
+        if labels.size and labels.max() >= len(FASHION_MNIST_CLASSES):
+            raise DataFormatError(f"{files[1]} has label {labels.max()}, expected 0..9")
+        _CACHE[key] = (images, labels.astype(np.int64))
+    return _CACHE[key]
+
+
+@register_dataset("fashion-mnist")
+def _build_fashion_mnist(cfg: DataConfig, split: str) -> ImageDataset:
+    _check_split(cfg, split, ["train", "val", "test"])
+    part = "train" if split == "train" else "test"
+    images, labels = _fashion_mnist(Path(cfg.path or FASHION_MNIST_DIR), part)
+    return ArrayDataset("fashion-mnist", split, [images], labels, FASHION_MNIST_CLASSES)
+
+
+# ---------------------------------------------------------------------------------------------
+# CIFAR-10 / CIFAR-100: the python pickle batches torchvision downloads
+
+_CIFAR = {  # name -> folder, train files, test files, meta file, label key, class-name key, archive
+    "cifar10": ("cifar-10-batches-py", [f"data_batch_{k}" for k in range(1, 6)], ["test_batch"],
+                "batches.meta", "labels", "label_names", "cifar-10-python.tar.gz"),
+    "cifar100": ("cifar-100-python", ["train"], ["test"], "meta", "fine_labels", "fine_label_names",
+                 "cifar-100-python.tar.gz"),
+}
+
+
+def _unpickle(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            raw = pickle.load(f, encoding="latin1")
+    except Exception as error:  # UnpicklingError, EOFError, ValueError, AttributeError, ...
+        raise DataFormatError(f"{path} is not a readable CIFAR pickle ({error})") from None
+    if not isinstance(raw, dict):
+        raise DataFormatError(f"{path} should hold a dict, got {type(raw).__name__}")
+    # python-2 pickles give str keys, pickles written by python 3 may give bytes keys
+    return {k.decode() if isinstance(k, bytes) else k: v for k, v in raw.items()}
+
+
+def _cifar(name: str, root: Path, train: bool) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    sub, train_files, test_files, meta_file, label_key, names_key, archive = _CIFAR[name]
+    wanted = train_files if train else test_files
+    folder = _find_folder(root, sub, wanted[0])
+    if folder is None:
+        raise FileNotFoundError(
+            f"{name} files not found: expected {root / sub}/"
+            f"{{{', '.join(train_files + test_files)}, {meta_file}}} "
+            f"(torchvision's python format). Downloads are off: extract {archive} (it unpacks to {sub}/) "
+            f"into {root}, or set data.path=<folder containing {sub}/>")
+    paths = [folder / f for f in wanted]
+    for path in paths:
+        if not path.is_file():
+            raise FileNotFoundError(f"{name} file {path} is missing; the extracted archive is incomplete")
+    key = (name, *(k for p in paths for k in _file_key(p)))
+    if key not in _CACHE:
+        images, labels = [], []
+        for path in paths:
+            batch = _unpickle(path)
+            if "data" not in batch or label_key not in batch:
+                raise DataFormatError(f"{path} lacks 'data' or {label_key!r} (keys: {sorted(batch)})")
+            data = np.asarray(batch["data"], dtype=np.uint8)
+            if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(data) != len(batch[label_key]):
+                raise DataFormatError(f"{path}: data of shape {data.shape} does not match "
+                                      f"{len(batch[label_key])} images of 3x32x32")
+            images.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))  # rows are CHW planes
+            labels.append(np.asarray(batch[label_key], dtype=np.int64))
+        num_classes = 10 if name == "cifar10" else 100
+        classes = [str(c) for c in range(num_classes)]
+        if (folder / meta_file).is_file():
+            names = _unpickle(folder / meta_file).get(names_key)
+            if names is not None and len(names) == num_classes:
+                classes = [n.decode() if isinstance(n, bytes) else str(n) for n in names]
+        _CACHE[key] = (np.ascontiguousarray(np.concatenate(images)), np.concatenate(labels), classes)
+    return _CACHE[key]
+
+
+def _build_cifar(name: str, cfg: DataConfig, split: str) -> ImageDataset:
+    _check_split(cfg, split, ["train", "val", "test"])
+    images, labels, classes = _cifar(name, Path(cfg.path or "data"), train=split == "train")
+    return ArrayDataset(name, split, [images], labels, classes)
+
+
+@register_dataset("cifar10")
+def _build_cifar10(cfg: DataConfig, split: str) -> ImageDataset:
+    return _build_cifar("cifar10", cfg, split)
+
+
+@register_dataset("cifar100")
+def _build_cifar100(cfg: DataConfig, split: str) -> ImageDataset:
+    return _build_cifar("cifar100", cfg, split)
+
+
+# ---------------------------------------------------------------------------------------------
+# STL-10: torchvision's binary files, memory-mapped (the unlabelled part is 100,000 images)
+
+STL10_CLASSES = ["airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship", "truck"]
+_STL_PIXELS = 3 * 96 * 96
+
+
+class _StlImages:
+    """Lazily memory-mapped ``*_X.bin``: ``[j]`` -> 96x96x3 uint8. Pickles as its path (workers)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        size = path.stat().st_size
+        if size % _STL_PIXELS:
+            raise DataFormatError(f"{path} holds {size} bytes, not a multiple of 3*96*96 (truncated file?)")
+        self.count = size // _STL_PIXELS
+        self._images: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, j: int) -> np.ndarray:
+        if self._images is None:
+            raw = np.memmap(self.path, dtype=np.uint8, mode="r", shape=(self.count, 3, 96, 96))
+            # stored column-major: torchvision's transpose (0, 1, 3, 2), then channels last
+            self._images = raw.transpose(0, 3, 2, 1)
+        return self._images[j]
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_images": None}
+
+
+@register_dataset("stl10")
+def _build_stl10(cfg: DataConfig, split: str) -> ImageDataset:
+    _check_split(cfg, split, ["train", "test", "val", "unlabeled", "train+unlabeled"])
+    root = Path(cfg.path or "data")
+    folder = next((f for f in (root / "stl10_binary", root) if f.is_dir() and any(f.glob("*_X.bin"))), None)
+    if folder is None:
+        raise FileNotFoundError(
+            f"STL-10 files not found: expected {root / 'stl10_binary'}/{{train_X.bin, train_y.bin, "
+            "test_X.bin, test_y.bin, unlabeled_X.bin, class_names.txt} (torchvision's binary format). "
+            f"Downloads are off: extract stl10_binary.tar.gz (it unpacks to stl10_binary/) into {root}, "
+            "or set data.path=<folder containing stl10_binary/>")
+    parts, labels = [], []
+    for part in {"val": ["test"], "train+unlabeled": ["train", "unlabeled"]}.get(split, [split]):
+        x_path = folder / f"{part}_X.bin"
+        if not x_path.is_file():
+            raise FileNotFoundError(f"STL-10 file {x_path} is missing; the extracted archive is incomplete")
+        images = _StlImages(x_path)
+        if part == "unlabeled":
+            y = np.full(len(images), -1, dtype=np.int64)
+        else:
+            y_path = folder / f"{part}_y.bin"
+            if not y_path.is_file():
+                raise FileNotFoundError(f"STL-10 file {y_path} is missing; "
+                                        "the extracted archive is incomplete")
+            y = np.fromfile(y_path, dtype=np.uint8).astype(np.int64) - 1  # stored 1-based
+            if len(y) != len(images) or (y.size and not 0 <= y.min() <= y.max() < 10):
+                raise DataFormatError(f"{y_path}: {len(y)} labels in 1..10 expected for {len(images)} images")
+        parts.append(images)
+        labels.append(y)
+    classes = STL10_CLASSES
+    names_path = folder / "class_names.txt"
+    if names_path.is_file():
+        names = [line.strip() for line in names_path.read_text().splitlines() if line.strip()]
+        classes = names if len(names) == 10 else classes
+    return ArrayDataset("stl10", split, parts, np.concatenate(labels), classes)
+
+
+# ---------------------------------------------------------------------------------------------
+# synthetic "Shapes-10": generated, deterministic
+
+SHAPES = ["circle", "square", "triangle", "plus", "ring", "horizontal bar", "vertical bar", "diamond",
+          "x", "half-disc"]
+
+
+def _shape_mask(shape: int, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Inside-test of shape ``shape`` in coordinates normalised by its radius (unit box)."""
+    r = np.hypot(u, v)
+    au, av = np.abs(u), np.abs(v)
+    masks = [
+        lambda: r <= 1.0,
+        lambda: np.maximum(au, av) <= 0.8,
+        lambda: (v <= 0.8) & (au <= (v + 1.0) * 0.5),  # apex up
+        lambda: ((au <= 0.28) | (av <= 0.28)) & (np.maximum(au, av) <= 1.0),
+        lambda: (r <= 1.0) & (r >= 0.6),
+        lambda: (au <= 1.0) & (av <= 0.3),
+        lambda: (au <= 0.3) & (av <= 1.0),
+        lambda: au + av <= 1.0,
+        lambda: ((np.abs(u - v) <= 0.4) | (np.abs(u + v) <= 0.4)) & (np.maximum(au, av) <= 0.9),
+        lambda: (r <= 1.0) & (v >= 0.0),  # lower half
+    ]
+    return masks[shape]()
+
+
+def make_shapes(n: int = 2000, size: int = 32, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Shapes-10: ``n`` RGB ``size``-px images (uint8 NxHxWx3) and balanced labels (shape index)."""
+    rng = np.random.default_rng(seed)
+    labels = rng.permutation(np.arange(n) % len(SHAPES))
+    ss = 2 * size  # render at 2x, then average 2x2 blocks (anti-aliasing)
+    grid = (np.arange(ss) + 0.5) / 2.0
+    yy, xx = np.meshgrid(grid, grid, indexing="ij")
+    images = np.empty((n, size, size, 3), dtype=np.uint8)
+    for k in range(n):
+        radius = rng.uniform(0.2, 0.4) * size
+        cx, cy = rng.uniform(radius, size - radius, size=2)
+        background = rng.uniform(0, 255, size=3)
+        colour = rng.uniform(0, 255, size=3)
+        while np.abs(colour - background).max() < 100:  # keep the shape visible
+            colour = rng.uniform(0, 255, size=3)
+        mask = _shape_mask(int(labels[k]), (xx - cx) / radius, (yy - cy) / radius)
+        alpha = mask.reshape(size, 2, size, 2).mean(axis=(1, 3))[..., None]
+        image = background * (1 - alpha) + colour * alpha + rng.normal(0, 6, size=(size, size, 3))
+        images[k] = np.clip(np.round(image), 0, 255).astype(np.uint8)
+    return images, labels.astype(np.int64)
+
+
+@register_dataset("synthetic")
+def _build_synthetic(cfg: DataConfig, split: str) -> ImageDataset:
+    _check_split(cfg, split, ["train", "val", "test"])
+    if "synthetic" not in _CACHE:
+        _CACHE["synthetic"] = make_shapes()
+    images, labels = _CACHE["synthetic"]
+    part = slice(0, 1600) if split == "train" else slice(1600, None)
+    return ArrayDataset("synthetic", split, [images[part]], labels[part], SHAPES)
+
+
+# ---------------------------------------------------------------------------------------------
+# imagefolder: root/<split>/<class>/<image>, decoded lazily with PIL
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
+
+
+def _subfolders(folder: Path) -> list[str]:
+    return sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
+
+
+def _images_under(folder: Path) -> list[str]:
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        found += [os.path.join(dirpath, f) for f in filenames
+                  if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")]
+    return sorted(found)
+
+
+class ImageFolderDataset(ImageDataset):
+    """``root/<split>/<class>/**/<image>``; labels index ``classes`` (sorted class folders)."""
+
+    def __init__(self, root: Path, split: str, classes: list[str], skip_corrupt: bool = False) -> None:
+        self.name, self.split, self.classes = "imagefolder", split, classes
+        self.root, self.skip_corrupt = root, skip_corrupt
+        folder = root / split
+        index = {c: k for k, c in enumerate(classes)}
+        unknown = [c for c in _subfolders(folder) if c not in index]
+        if unknown:
+            raise DataFormatError(f"{folder} has class folders absent from the class list "
+                              f"({len(classes)} classes of {root / '<train split>'}): {unknown[:5]}")
+        self.paths: list[str] = []
+        labels: list[int] = []
+        for c in classes:
+            if (folder / c).is_dir():
+                files = _images_under(folder / c)
+                self.paths += files
+                labels += [index[c]] * len(files)
+        if not self.paths:
+            loose = [f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS)]
+            hint = (f" ({len(loose)} images lie directly in it: move them into one sub-folder per class)"
+                    if loose else "")
+            raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in class folders of "
+                                    f"{folder}{hint}")
+        self.targets = np.asarray(labels, dtype=np.int64)
+        self.skipped = 0
+        self._bad: set[str] = set()
+
+    def describe(self, i: int) -> str:
+        return self.paths[i]
+
+    def keep_first(self, n: int) -> None:
+        self.paths, self.targets = self.paths[:n], self.targets[:n]
+
+    def _load(self, path: str) -> Image.Image:
+        try:
+            with Image.open(path) as image:
+                return image.convert("RGB")  # forces a full decode
+        except Exception as error:  # PIL raises OSError, ValueError, SyntaxError, DecompressionBombError...
+            raise ImageLoadError(f"cannot read image {path}: {type(error).__name__}: {error}; "
+                                 "set data.skip_corrupt=true to skip unreadable images") from error
+
+    def __getitem__(self, i: int) -> tuple[Image.Image, int]:
+        i = self._check_index(i)
+        n = len(self)
+        for step in range(n):
+            j = (i + step) % n
+            path = self.paths[j]
+            if path in self._bad:
+                continue
+            try:
+                return self._load(path), int(self.targets[j])
+            except ImageLoadError as error:
+                if not self.skip_corrupt:
+                    raise
+                self._bad.add(path)
+                self.skipped = len(self._bad)
+                warnings.warn(f"skipping unreadable image {path} ({error.__cause__})", CorruptImageWarning,
+                              stacklevel=2)
+        raise ImageLoadError(f"no readable image in {self.root / self.split} ({len(self._bad)} unreadable)")
+
+
+@register_dataset("imagefolder")
+def _build_imagefolder(cfg: DataConfig, split: str) -> ImageDataset:
+    if cfg.path is None:
+        raise ConfigError("data.name='imagefolder' needs data.path=<root folder with train/ and val/ "
+                          "sub-folders, one folder per class inside each>")
+    root = Path(cfg.path)
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder {root} does not exist; set data.path to the root that holds "
+                                "train/<class>/*.jpg and val/<class>/*.jpg")
+    splits = _subfolders(root)
+    if not splits:
+        raise FileNotFoundError(f"{root} has no split sub-folders; expected {root}/train/<class>/*.jpg "
+                                f"and {root}/val/<class>/*.jpg")
+    _check_split(cfg, split, splits)
+    # the class list comes from the training split, so every split's labels agree
+    class_root = root / cfg.train_split if (root / cfg.train_split).is_dir() else root / split
+    classes = _subfolders(class_root)
+    if not classes:
+        raise FileNotFoundError(f"{class_root} has no class sub-folders; expected {class_root}/<class>/*.jpg")
+    return ImageFolderDataset(root, split, classes, skip_corrupt=cfg.skip_corrupt)

@@ -1,0 +1,53 @@
+"""Learning-rate schedules, precomputed as one value per optimiser step (DINO style).
+
+The seeds set the rate once per epoch: cosine ``lr·0.5(1+cos(π·e/E))`` with e the 0-indexed epoch
+(identical to the UMBC ``(e−1)/E`` with 1-indexed epochs) and step ``lr·rate^{#milestones ≤ e}``.
+``per_step`` evaluates the same curves at fractional epochs instead.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from selfsup.config import OptimConfig, check_choice
+
+SCHEDULES = ("cosine", "step", "constant")
+
+
+def lr_at_epoch(cfg: OptimConfig, base_lr: float, epoch: float, total_epochs: float) -> float:
+    """The rate at (possibly fractional) epoch ``epoch`` of ``total_epochs``, warm-up included."""
+    warmup = cfg.warmup_epochs
+    if warmup > 0 and epoch < warmup:
+        return base_lr * epoch / warmup
+    if cfg.schedule == "cosine":
+        span = max(total_epochs - warmup, 1e-12)
+        progress = min(max((epoch - warmup) / span, 0.0), 1.0)
+        return cfg.min_lr + (base_lr - cfg.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    if cfg.schedule == "step":
+        passed = sum(1 for milestone in cfg.lr_decay_epochs if milestone <= epoch)
+        return base_lr * cfg.lr_decay_rate**passed
+    return base_lr
+
+
+def lr_schedule(cfg: OptimConfig, base_lr: float, epochs: float, steps_per_epoch: int) -> np.ndarray:
+    """One learning rate per step for ``epochs × steps_per_epoch`` steps."""
+    check_choice("optim.schedule", cfg.schedule, SCHEDULES)
+    total = int(round(epochs * steps_per_epoch))
+    steps = np.arange(total)
+    if cfg.per_step:
+        at = steps / steps_per_epoch
+    else:
+        at = np.floor(steps / steps_per_epoch)
+        if cfg.warmup_epochs > 0:  # warm-up is always per step, as DINO/Mugs do
+            fractional = steps / steps_per_epoch
+            at = np.where(fractional < cfg.warmup_epochs, fractional, at)
+    return np.array([lr_at_epoch(cfg, base_lr, float(e), epochs) for e in at], dtype=np.float64)
+
+
+def scaled_lr(cfg: OptimConfig, batch_size: int) -> float:
+    """``lr`` scaled linearly by batch_size / reference_batch_size when a reference is set."""
+    if cfg.reference_batch_size:
+        return cfg.lr * batch_size / cfg.reference_batch_size
+    return cfg.lr

@@ -1,0 +1,311 @@
+"""The one training loop. It knows devices, DDP, precision, schedules, logging and checkpoints, and
+nothing about any method: a method is driven through ``training_step`` / ``on_after_step`` /
+``on_epoch_start`` (see :mod:`selfsup.methods.base`).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import random
+import sys
+import time
+from contextlib import nullcontext
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from selfsup.config import Config, ConfigError, check_choice, save_config
+from selfsup.data.datasets import build_dataset
+from selfsup.data.loader import EpochSampler, ViewDataset
+from selfsup.data.transforms import build_transform
+from selfsup.engine.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
+from selfsup.engine.schedules import lr_schedule, scaled_lr
+from selfsup.eval.protocols import evaluate_backbone, format_scores
+from selfsup.methods import DataInfo, Method, build_method
+from selfsup.nn import distributed
+
+CHECKPOINT_FORMAT = 1
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"train.device={name!r} but CUDA is not available here; use train.device=cpu")
+    return device
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+class Trainer:
+    """Builds data, method and optimiser from a :class:`Config`; :meth:`fit` trains and evaluates."""
+
+    def __init__(self, cfg: Config, *, resume: str | Path | None = None):
+        self.cfg = cfg
+        t = cfg.train
+        check_choice("train.precision", t.precision, ("auto", "bf16", "fp32"))
+        check_choice("optim.name", cfg.optim.name, ("sgd", "adamw"))
+        device = resolve_device(t.device)
+        self.dist = distributed.init_distributed(device.type)
+        if device.type == "cuda" and self.dist.world_size > 1:
+            device = torch.device("cuda", self.dist.local_rank)
+        self.device = device
+        if t.threads:
+            torch.set_num_threads(t.threads)
+        self.is_main = self.dist.is_main
+        if t.batch_size % self.dist.world_size:
+            raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by the {self.dist.world_size} "
+                              "processes; it is the total batch over all of them")
+        self.batch_per_rank = t.batch_size // self.dist.world_size
+
+        # data
+        self.train_set = build_dataset(cfg.data, cfg.data.train_split)
+        seed_everything(t.seed)  # the same initial weights (and random-init baseline) on every start
+        self.method: Method = build_method(cfg, DataInfo(len(self.train_set), self.train_set.num_classes))
+        self.initial_backbone = copy.deepcopy(self.method.backbone.state_dict())
+        transforms = [self._transform(view) for view in self.method.views]
+        self.sampler = EpochSampler(len(self.train_set), self.batch_per_rank, seed=t.seed, rank=self.dist.rank,
+                                    world_size=self.dist.world_size, drop_last=t.drop_last)
+        self.loader = DataLoader(
+            ViewDataset(self.train_set, transforms), batch_size=self.batch_per_rank, sampler=self.sampler,
+            num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda",
+            persistent_workers=cfg.data.num_workers > 0, drop_last=False,
+        )
+        self.steps_per_epoch = self.sampler.batches_per_epoch
+        self.total_steps = t.epochs * self.steps_per_epoch
+
+        # model, precision, optimiser, schedule
+        self.channels_last = t.channels_last if t.channels_last is not None else device.type == "cuda"
+        self.method.to(device)
+        if self.channels_last:
+            self.method.to(memory_format=torch.channels_last)
+        use_bf16 = t.precision == "bf16" or (t.precision == "auto" and device.type == "cuda")
+        self.autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_bf16 else nullcontext
+        self.optimizer = self._optimizer()
+        self.base_lr = scaled_lr(cfg.optim, t.batch_size)
+        self.lrs = lr_schedule(cfg.optim, self.base_lr, t.epochs, self.steps_per_epoch)
+        self.model: torch.nn.Module = self.method
+        if self.dist.world_size > 1:
+            self.model = DistributedDataParallel(
+                self.method, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False
+            )
+        if t.compile:
+            self.model = torch.compile(self.model)
+
+        self.epoch = 0
+        self.step = 0  # optimiser steps done
+        self.step_in_epoch = 0
+        self.run_dir = self._run_dir()
+        self.checkpoint_path = self.run_dir / CHECKPOINT_NAME
+        resume = resume or t.resume
+        if resume == "auto":
+            resume = self.checkpoint_path if self.checkpoint_path.is_file() else None
+        if resume:
+            self.load(resume)
+
+    # ------------------------------------------------------------------ construction helpers
+
+    def _transform(self, name: str):
+        d = self.cfg.data
+        return build_transform(name, d.image_size, mean=d.mean, std=d.std, blur=d.blur,
+                               crop_ratio=d.eval_crop_ratio)
+
+    def _optimizer(self) -> torch.optim.Optimizer:
+        o = self.cfg.optim
+        groups = self.method.parameter_groups()
+        fused = {"fused": True} if self.device.type == "cuda" else {}
+        if o.name == "sgd":
+            return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay,
+                                   nesterov=o.nesterov, **fused)
+        return torch.optim.AdamW(groups, lr=o.lr, weight_decay=o.weight_decay, **fused)
+
+    def _run_dir(self) -> Path:
+        t = self.cfg.train
+        name = t.run_name or f"{self.cfg.method.name}-{self.cfg.data.name}-{datetime.now():%Y%m%d-%H%M%S}"
+        if self.dist.world_size > 1:  # every rank must agree on rank 0's timestamp
+            holder = [name]
+            dist.broadcast_object_list(holder, src=0)
+            name = holder[0]
+        run_dir = Path(t.output_dir) / name
+        if self.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(self.cfg, run_dir / "config.yaml")
+        return run_dir
+
+    # ------------------------------------------------------------------ state
+
+    def state_dict(self) -> dict[str, Any]:
+        state = {
+            "format": CHECKPOINT_FORMAT,
+            "config": self.cfg.to_dict(),
+            "method": self.method.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "epoch": self.epoch,
+            "step": self.step,
+            "step_in_epoch": self.step_in_epoch,
+            "rng_cpu": torch.get_rng_state(),
+        }
+        if torch.cuda.is_available():
+            state["rng_cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def save(self) -> Path | None:
+        if not self.is_main:
+            return None
+        return save_checkpoint(self.state_dict(), self.checkpoint_path)
+
+    def load(self, path: str | Path) -> None:
+        state = load_checkpoint(path, map_location="cpu")
+        missing = [k for k in ("method", "optimizer", "epoch", "step") if k not in state]
+        if missing:
+            raise ConfigError(f"{path} is not a selfsup training checkpoint (missing {missing}); "
+                              "use `selfsup eval` for backbone-only files")
+        self.method.load_state_dict(state["method"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.epoch, self.step = int(state["epoch"]), int(state["step"])
+        self.step_in_epoch = int(state.get("step_in_epoch", 0))
+        torch.set_rng_state(state["rng_cpu"])
+        if "rng_cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng_cuda"])
+        if self.is_main:
+            print(f"resumed from {path} at epoch {self.epoch}, step {self.step}", flush=True)
+
+    # ------------------------------------------------------------------ the loop
+
+    def log(self, record: dict[str, Any]) -> None:
+        if self.is_main:
+            with open(self.run_dir / "metrics.jsonl", "a") as handle:
+                handle.write(json.dumps(record) + "\n")
+
+    def _to_device(self, views: list[torch.Tensor]) -> list[torch.Tensor]:
+        memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
+        return [v.to(self.device, non_blocking=True, memory_format=memory_format) for v in views]
+
+    def train_step(self, views: list[torch.Tensor], indices: torch.Tensor, labels: torch.Tensor):
+        lr = float(self.lrs[min(self.step, len(self.lrs) - 1)])
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_scale", 1.0)
+        with self.autocast():
+            out = self.model(self._to_device(views), indices.to(self.device), labels.to(self.device))
+        self.optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        self.optimizer.step()
+        self.step += 1
+        self.step_in_epoch += 1
+        self.method.on_after_step(self.step / max(self.total_steps, 1))
+        return out, lr
+
+    def _check_finite(self, loss: torch.Tensor) -> None:
+        if not torch.isfinite(loss).all():
+            raise NonFiniteLossError(
+                f"the loss became {loss.item()} at step {self.step} (epoch {self.epoch}); the last good "
+                f"checkpoint is kept at {self.checkpoint_path}. Lower optim.lr or check the data."
+            )
+
+    def fit(self) -> dict[str, float]:
+        t = self.cfg.train
+        if self.is_main:
+            print(f"run folder: {self.run_dir}\n{self._summary()}", flush=True)
+        last_save = time.monotonic()
+        stop = False
+        while self.epoch < t.epochs and not stop:
+            self.method.train()
+            self.method.on_epoch_start(self.epoch, self.loader)
+            self.sampler.set_epoch(self.epoch, self.step_in_epoch)
+            epoch_start, seen, loss_sum = time.monotonic(), 0, torch.zeros((), device=self.device)
+            bar = tqdm(self.loader, total=self.steps_per_epoch, initial=self.step_in_epoch,
+                       desc=f"epoch {self.epoch + 1}/{t.epochs}", leave=False, dynamic_ncols=True,
+                       disable=not (t.progress_bar and self.is_main), file=sys.stdout)
+            for views, indices, labels in bar:
+                out, lr = self.train_step(views, indices, labels)
+                seen += indices.shape[0] * self.dist.world_size
+                loss_sum += out.loss.detach().float()
+                if self.step % t.log_every_steps == 0 or self.device.type == "cpu":
+                    self._check_finite(out.loss.detach())
+                if self.step % t.log_every_steps == 0:
+                    record = {"step": self.step, "epoch": self.step / self.steps_per_epoch,
+                              "loss": distributed.all_reduce_mean(out.loss.detach()).item(), "lr": lr}
+                    record.update({k: float(v) for k, v in out.logs.items()})
+                    self.log(record)
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.3g}")
+                if t.max_steps is not None and self.step >= t.max_steps:
+                    stop = True
+                    break
+                if time.monotonic() - last_save > t.checkpoint_every_minutes * 60:
+                    self.save()
+                    last_save = time.monotonic()
+            bar.close()
+            if stop and self.step_in_epoch < self.steps_per_epoch:
+                break  # mid-epoch stop: the checkpoint below resumes inside this epoch
+            self.epoch += 1
+            self.step_in_epoch = 0
+            elapsed = time.monotonic() - epoch_start
+            summary = {"epoch_end": self.epoch, "seconds": round(elapsed, 2),
+                       "images_per_s": round(seen / max(elapsed, 1e-9), 1)}
+            steps_done = self.steps_per_epoch - self.sampler.start_batch
+            summary["loss_mean"] = float(distributed.all_reduce_mean(loss_sum)) / max(steps_done, 1)
+            monitor = self.cfg.eval.monitor_every_epochs
+            if monitor and self.epoch % monitor == 0 and self.is_main:
+                summary.update(self.evaluate(["knn"], random_init=False, quiet=True)["trained"])
+            self.log(summary)
+            if self.is_main:
+                scores = " ".join(f"{k}={v:.4g}" for k, v in summary.items() if k != "epoch_end")
+                print(f"epoch {self.epoch}/{t.epochs}: {scores}", flush=True)
+            if self.epoch % t.checkpoint_every_epochs == 0 or self.epoch == t.epochs:
+                self.save()
+                last_save = time.monotonic()
+        self.save()
+        results: dict[str, Any] = {}
+        if self.cfg.eval.at_end and self.cfg.eval.protocols and self.is_main:
+            results = self.evaluate(self.cfg.eval.protocols, random_init=self.cfg.eval.compare_random_init)
+            with open(self.run_dir / "eval.json", "w") as handle:
+                json.dump(results, handle, indent=2)
+            print(format_scores(results), flush=True)
+            print(f"run folder: {self.run_dir}", flush=True)
+        return results
+
+    def evaluate(self, protocols: list[str], *, random_init: bool, quiet: bool = False) -> dict[str, dict]:
+        """Scores of the trained backbone (and of the same backbone at its initial weights)."""
+        results = {"trained": evaluate_backbone(self.method.backbone, self.cfg, self.device, protocols,
+                                                progress=not quiet and self.cfg.train.progress_bar)}
+        if random_init:
+            initial = copy.deepcopy(self.method.backbone)
+            initial.load_state_dict(self.initial_backbone)
+            results["random_init"] = evaluate_backbone(initial, self.cfg, self.device, protocols,
+                                                       progress=not quiet and self.cfg.train.progress_bar)
+        return results
+
+    def _summary(self) -> str:
+        c = self.cfg
+        params = sum(p.numel() for p in self.method.backbone.parameters())
+        return (f"{c.method.name} | {c.model.backbone} ({params / 1e6:.2f}M params) | {c.data.name}: "
+                f"{len(self.train_set)} images at {c.data.image_size}px, views {list(self.method.views)} | "
+                f"batch {c.train.batch_size} on {self.dist.world_size} process(es), {self.device} | "
+                f"{c.train.epochs} epochs x {self.steps_per_epoch} steps | lr {self.base_lr:g} {c.optim.schedule}")
+
+
+def train(cfg: Config, resume: str | Path | None = None) -> dict[str, Any]:
+    """Train (and evaluate) one run; the process group is torn down afterwards."""
+    try:
+        trainer = Trainer(cfg, resume=resume)
+        return trainer.fit()
+    finally:
+        distributed.shutdown()
+

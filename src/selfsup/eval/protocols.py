@@ -1,0 +1,72 @@
+"""Evaluation protocols run on a frozen backbone: ``knn`` (weighted k-NN and majority vote) and ``nn``
+(1-NN), with the memory = the training split and the queries = the held-out split.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from selfsup.config import Config, ConfigError
+from selfsup.data.datasets import build_dataset
+from selfsup.data.loader import EvalDataset
+from selfsup.data.transforms import build_transform
+from selfsup.eval.features import extract_features
+from selfsup.eval.knn import knn_sweep
+
+PROTOCOLS = ("knn", "nn")
+PLANNED = ("linear", "cluster", "align")
+
+
+def check_protocols(protocols: list[str]) -> None:
+    for name in protocols:
+        if name in PLANNED:
+            raise ConfigError(f"evaluation protocol {name!r} is not available yet; available: {list(PROTOCOLS)}")
+        if name not in PROTOCOLS:
+            raise ConfigError(f"unknown evaluation protocol {name!r}; choose from {list(PROTOCOLS)}")
+
+
+def feature_loader(cfg: Config, split: str) -> tuple[DataLoader, int]:
+    data = cfg.data
+    dataset = build_dataset(data, split)
+    transform = build_transform("eval", data.image_size, mean=data.mean, std=data.std,
+                                crop_ratio=data.eval_crop_ratio)
+    loader = DataLoader(EvalDataset(dataset, transform), batch_size=cfg.eval.batch_size,
+                        num_workers=data.num_workers, shuffle=False)
+    return loader, dataset.num_classes
+
+
+def evaluate_backbone(backbone: nn.Module, cfg: Config, device: torch.device | str,
+                      protocols: list[str], *, progress: bool = False) -> dict[str, float]:
+    """Scores in percent, e.g. ``{"knn20_T0.07": …, "knn20_vote": …, "nn": …}``."""
+    check_protocols(protocols)
+    train_loader, num_classes = feature_loader(cfg, cfg.data.train_split)
+    val_loader, _ = feature_loader(cfg, cfg.data.val_split)
+    train_x, train_y = extract_features(backbone, train_loader, device, progress=progress)
+    val_x, val_y = extract_features(backbone, val_loader, device, progress=progress)
+    k = cfg.eval.knn_k
+    ks = sorted({1, k} if "knn" in protocols else {1})
+    temperatures: list[float | None] = [cfg.eval.knn_temperature, None] if "knn" in protocols else [None]
+    scores = knn_sweep(train_x, train_y, val_x, val_y, ks=ks, temperatures=temperatures,
+                       num_classes=num_classes, seed=cfg.train.seed)
+    wanted = {"nn"} if "nn" in protocols else set()
+    if "knn" in protocols:
+        wanted |= {f"knn{k}_T{cfg.eval.knn_temperature:g}", f"knn{k}_vote"}
+    return {key: value for key, value in scores.items() if key in wanted}
+
+
+def format_scores(results: dict[str, dict[str, Any]]) -> str:
+    """A small table: one row per score, one column per evaluated model (trained, random_init …)."""
+    columns = list(results)
+    keys: list[str] = []
+    for scores in results.values():
+        keys += [k for k in scores if k not in keys]
+    width = max([len(k) for k in keys] + [10])
+    lines = ["accuracy (%)".ljust(width) + "".join(c.rjust(14) for c in columns)]
+    for key in keys:
+        row = "".join(f"{results[c][key]:14.2f}" if key in results[c] else " " * 14 for c in columns)
+        lines.append(key.ljust(width) + row)
+    return "\n".join(lines)

@@ -1,0 +1,45 @@
+"""Evaluate a saved run or checkpoint: rebuild its method from the saved config, load the weights."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+from selfsup.config import config_from_dict, parse_override, set_dotted
+from selfsup.data.datasets import build_dataset
+from selfsup.engine.checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint
+from selfsup.engine.trainer import resolve_device, seed_everything
+from selfsup.eval.protocols import check_protocols, evaluate_backbone, format_scores
+from selfsup.methods import DataInfo, build_method
+
+
+def evaluate_checkpoint(path: str | Path, protocols: list[str], overrides: list[str] | None = None, *,
+                        random_init: bool = False, device: str | None = None) -> dict[str, Any]:
+    check_protocols(protocols)
+    checkpoint = resolve_checkpoint(path)
+    state = load_checkpoint(checkpoint)
+    if "config" not in state or "method" not in state:
+        raise CheckpointError(f"{checkpoint} has no 'config'/'method' entries: it is not a selfsup run checkpoint")
+    raw = state["config"]
+    for word in overrides or []:
+        set_dotted(raw, *parse_override(word))
+    cfg = config_from_dict(raw)
+    train_set = build_dataset(cfg.data, cfg.data.train_split)
+    seed_everything(cfg.train.seed)
+    method = build_method(cfg, DataInfo(len(train_set), train_set.num_classes))
+    initial = copy.deepcopy(method.backbone)
+    method.load_state_dict(state["method"])
+    target = resolve_device(device or cfg.train.device)
+    results = {"trained": evaluate_backbone(method.backbone, cfg, target, protocols, progress=True)}
+    if random_init:
+        results["random_init"] = evaluate_backbone(initial, cfg, target, protocols, progress=True)
+    print(f"{checkpoint} (epoch {state.get('epoch')}, step {state.get('step')})")
+    print(format_scores(results))
+    out = checkpoint.parent / "eval.json"
+    previous = json.loads(out.read_text()) if out.is_file() else {}
+    previous.update(results)
+    out.write_text(json.dumps(previous, indent=2))
+    return results
+

@@ -1,0 +1,6 @@
+"""Backbones and heads."""
+
+from selfsup.models.backbones import BACKBONES, build_backbone
+from selfsup.models.heads import mlp
+
+__all__ = ["BACKBONES", "build_backbone", "mlp"]

@@ -1,0 +1,28 @@
+"""Shared fixtures: a tiny, fast configuration (digits at 16 px, ResNet-mini, few steps)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from selfsup.config import Config, load_config
+
+TINY = [
+    "data.name=digits", "data.image_size=16", "data.subset=256", "data.blur=false", "data.eval_crop_ratio=1.0",
+    "model.backbone=resnet_mini", "method.queue_size=256", "method.dim=16", "method.momentum=0.99",
+    "optim.lr=0.05", "train.batch_size=32", "train.epochs=2", "train.progress_bar=false",
+    "train.run_name=run", "train.log_every_steps=1", "eval.at_end=false",
+]
+
+
+def tiny_config(tmp_path, *overrides: str, method: str = "moco") -> Config:
+    words = [w for w in TINY if method == "moco" or not w.startswith("method.")]
+    return load_config(None, [f"method={method}", *words, f"train.output_dir={tmp_path}", *overrides])
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

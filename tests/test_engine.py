@@ -1,0 +1,121 @@
+"""Schedules, atomic checkpoints, the sampler, and exact resume of a run."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import tiny_config
+
+from selfsup.config import OptimConfig
+from selfsup.data.loader import EpochSampler
+from selfsup.engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from selfsup.engine.schedules import lr_schedule
+from selfsup.engine.trainer import Trainer
+
+
+def test_cosine_per_epoch_matches_closed_form():
+    lrs = lr_schedule(OptimConfig(lr=0.03, schedule="cosine"), 0.03, epochs=10, steps_per_epoch=3)
+    assert len(lrs) == 30
+    for step, lr in enumerate(lrs):
+        epoch = step // 3
+        assert lr == pytest.approx(0.03 * 0.5 * (1 + math.cos(math.pi * epoch / 10)))
+
+
+def test_cosine_min_lr_and_per_step():
+    cfg = OptimConfig(lr=1.0, schedule="cosine", min_lr=0.1, per_step=True)
+    lrs = lr_schedule(cfg, 1.0, epochs=2, steps_per_epoch=4)
+    assert lrs[0] == pytest.approx(1.0)
+    assert lrs[4] == pytest.approx(0.1 + 0.9 * 0.5)  # halfway
+    assert all(a > b for a, b in zip(lrs[:-1], lrs[1:], strict=True))
+
+
+def test_step_schedule_milestones_like_the_seeds():
+    cfg = OptimConfig(lr=0.01, schedule="step", lr_decay_epochs=[140, 180], lr_decay_rate=0.2)
+    lrs = lr_schedule(cfg, 0.01, epochs=200, steps_per_epoch=1)
+    assert lrs[139] == pytest.approx(0.01) and lrs[140] == pytest.approx(0.002)
+    assert lrs[179] == pytest.approx(0.002) and lrs[180] == pytest.approx(0.0004)
+
+
+def test_linear_warmup_then_cosine():
+    cfg = OptimConfig(lr=1.0, schedule="cosine", warmup_epochs=2)
+    lrs = lr_schedule(cfg, 1.0, epochs=12, steps_per_epoch=4)
+    assert lrs[0] == 0.0 and lrs[4] == pytest.approx(0.5) and lrs[8] == pytest.approx(1.0)
+    assert lrs[-1] == pytest.approx(0.5 * (1 + math.cos(math.pi * 9 / 10)))
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoint.pt"
+    save_checkpoint({"step": 1, "w": torch.ones(3)}, path)
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(OSError):
+        save_checkpoint({"step": 2}, path)
+    monkeypatch.undo()
+    assert load_checkpoint(path)["step"] == 1  # the last good checkpoint survives
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]  # no temporary left behind
+
+
+class _Arbitrary:
+    pass
+
+
+def test_checkpoint_needing_pickle_is_refused(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"obj": _Arbitrary()}, path)
+    with pytest.raises(CheckpointError, match="weights_only"):
+        load_checkpoint(path)
+    (tmp_path / "broken.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_checkpoint(tmp_path / "broken.pt")
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        load_checkpoint(tmp_path / "missing")
+
+
+def test_sampler_shards_each_global_batch_and_resumes_mid_epoch():
+    ranks = [EpochSampler(100, 8, seed=3, rank=r, world_size=2) for r in range(2)]
+    for s in ranks:
+        s.set_epoch(5)
+    streams = [list(s) for s in ranks]
+    assert all(len(x) == 6 * 8 for x in streams)  # 100 // 16 = 6 full global batches
+    indices = [i for stream in streams for i, _ in stream]
+    assert len(set(indices)) == len(indices)  # disjoint
+    single = EpochSampler(100, 16, seed=3)
+    single.set_epoch(5)
+    whole = list(single)
+    for b in range(6):  # rank 0 takes the first half of each global batch, rank 1 the second
+        assert streams[0][b * 8:(b + 1) * 8] == whole[b * 16:b * 16 + 8]
+        assert streams[1][b * 8:(b + 1) * 8] == whole[b * 16 + 8:(b + 1) * 16]
+    single.set_epoch(5, start_batch=4)
+    assert list(single) == whole[64:]
+    single.set_epoch(6)
+    assert list(single) != whole
+
+
+def _weights(trainer: Trainer) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in trainer.method.state_dict().items()}
+
+
+@pytest.mark.parametrize("method", ["moco", "byol"])
+def test_resume_is_bit_identical(tmp_path, method):
+    straight = Trainer(tiny_config(tmp_path / "a", method=method))
+    straight.fit()
+    assert straight.step == 16  # 2 epochs x (256 // 32)
+
+    first = Trainer(tiny_config(tmp_path / "b", "train.max_steps=5", method=method))
+    first.fit()
+    assert (first.epoch, first.step, first.step_in_epoch) == (0, 5, 5)
+    resumed = Trainer(tiny_config(tmp_path / "b", "train.resume=auto", method=method))
+    assert resumed.step == 5
+    resumed.fit()
+    assert resumed.step == 16
+    a, b = _weights(straight), _weights(resumed)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert torch.equal(straight.optimizer.state_dict()["state"][0]["momentum_buffer"],
+                       resumed.optimizer.state_dict()["state"][0]["momentum_buffer"])
