@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 
 import torch
-from conftest import TINY
 
+from conftest import TINY
 from selfsup.data.loader import EpochSampler
 from selfsup.engine.checkpoint import load_checkpoint
 

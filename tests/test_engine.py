@@ -6,8 +6,8 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_config
 
+from conftest import tiny_config
 from selfsup.config import OptimConfig
 from selfsup.data.loader import EpochSampler
 from selfsup.engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint

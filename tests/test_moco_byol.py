@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_config
 
+from conftest import tiny_config
 from selfsup.methods import DataInfo, build_method
 from selfsup.methods.byol import byol_loss
 from selfsup.methods.moco import moco_loss

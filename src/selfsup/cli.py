@@ -91,7 +91,7 @@ def parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="evaluate the backbone of a run or checkpoint")
     e.add_argument("checkpoint", metavar="RUN_OR_CHECKPOINT")
     e.add_argument("words", nargs="*", metavar="key=value", help="overrides, e.g. data.path=... eval.knn_k=200")
-    e.add_argument("--protocol", default="knn,nn", help="comma-separated: knn, nn (default knn,nn)")
+    e.add_argument("--protocol", default="knn,nn", help="comma-separated: knn, nn, cluster, align (default knn,nn)")
     e.add_argument("--random-init", action="store_true", help="also score the same backbone at initialisation")
     e.add_argument("--device", default=None, help="cpu | cuda (default: the run's train.device)")
     e.add_argument("--json", action="store_true", help="also print the scores as JSON")

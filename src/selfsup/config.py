@@ -38,6 +38,8 @@ class DataConfig:
     skip_corrupt: bool = False  # skip (and count) unreadable images instead of stopping the run
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    crop_scale: tuple[float, float] = (0.2, 1.0)  # RandomResizedCrop area range of the training views
+    flip: bool = True  # random horizontal flip in the training views
     blur: bool = True  # Gaussian blur in AUG+ (sigma scaled by image_size / 224)
     eval_crop_ratio: float = 0.875  # eval transform: Resize(size / ratio) -> CenterCrop(size); 224/256
 
@@ -105,11 +107,6 @@ class EvalConfig:
 
 
 @dataclass
-class LauncherConfig:
-    name: str = "local"  # local (also under torchrun) | slurm
-
-
-@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -117,7 +114,6 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    launcher: LauncherConfig = field(default_factory=LauncherConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return _plain(dataclasses.asdict(self))

@@ -41,12 +41,14 @@ def build_transform(
     crop_ratio: float = 0.875,
     *,
     scale: tuple[float, float] = (0.2, 1.0),
+    flip: bool = True,
     interpolation: InterpolationMode | str = InterpolationMode.BILINEAR,
 ) -> Transform:
     """One of :data:`TRANSFORMS`: ``aug+`` (MoCo-v2 / UMBC strong), ``weak``, ``moco_v1``, ``eval``.
 
     ``scale`` is the RandomResizedCrop area range of the random recipes; ``crop_ratio`` the eval
     centre crop (Resize(size / ratio) -> CenterCrop(size); 1.0 resizes straight to ``image_size``).
+    ``flip=False`` drops the horizontal flip (for data whose meaning changes under a mirror, e.g. digits).
     """
     check_choice("transform", name, TRANSFORMS)
     if image_size < 1:
@@ -62,19 +64,20 @@ def build_transform(
         resize = round(image_size / crop_ratio)
         return T.Compose([T.Resize(resize, interpolation=interpolation), T.CenterCrop(image_size), *finish])
     crop = T.RandomResizedCrop(image_size, scale=scale, interpolation=interpolation)
+    mirror = [T.RandomHorizontalFlip()] if flip else []
     if name == "weak":
-        steps: list[Callable] = [crop, T.RandomHorizontalFlip()]
+        steps: list[Callable] = [crop, *mirror]
     elif name == "moco_v1":
-        steps = [crop, T.RandomGrayscale(p=0.2), T.ColorJitter(0.4, 0.4, 0.4, 0.4), T.RandomHorizontalFlip()]
+        steps = [crop, T.RandomGrayscale(p=0.2), T.ColorJitter(0.4, 0.4, 0.4, 0.4), *mirror]
     else:  # aug+
         steps = [crop, T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8), T.RandomGrayscale(p=0.2)]
         if blur:
             steps.append(T.RandomApply([gaussian_blur(image_size)], p=0.5))
-        steps.append(T.RandomHorizontalFlip())
+        steps += mirror
     return T.Compose([*steps, *finish])
 
 
 def transform_from_config(cfg: DataConfig, name: str) -> Transform:
     """:func:`build_transform` with the image size, statistics, blur and eval crop of ``cfg``."""
     return build_transform(name, cfg.image_size, mean=cfg.mean, std=cfg.std, blur=cfg.blur,
-                           crop_ratio=cfg.eval_crop_ratio)
+                           crop_ratio=cfg.eval_crop_ratio, scale=cfg.crop_scale, flip=cfg.flip)

@@ -25,7 +25,7 @@ from tqdm import tqdm
 from selfsup.config import Config, ConfigError, check_choice, save_config
 from selfsup.data.datasets import build_dataset
 from selfsup.data.loader import EpochSampler, ViewDataset
-from selfsup.data.transforms import build_transform
+from selfsup.data.transforms import transform_from_config
 from selfsup.engine.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from selfsup.engine.schedules import lr_schedule, scaled_lr
 from selfsup.eval.protocols import evaluate_backbone, format_scores
@@ -80,7 +80,7 @@ class Trainer:
         seed_everything(t.seed)  # the same initial weights (and random-init baseline) on every start
         self.method: Method = build_method(cfg, DataInfo(len(self.train_set), self.train_set.num_classes))
         self.initial_backbone = copy.deepcopy(self.method.backbone.state_dict())
-        transforms = [self._transform(view) for view in self.method.views]
+        transforms = [transform_from_config(cfg.data, view) for view in self.method.views]
         self.sampler = EpochSampler(len(self.train_set), self.batch_per_rank, seed=t.seed, rank=self.dist.rank,
                                     world_size=self.dist.world_size, drop_last=t.drop_last)
         self.loader = DataLoader(
@@ -112,6 +112,7 @@ class Trainer:
         self.epoch = 0
         self.step = 0  # optimiser steps done
         self.step_in_epoch = 0
+        self._saved_at = (-1, -1)
         self.run_dir = self._run_dir()
         self.checkpoint_path = self.run_dir / CHECKPOINT_NAME
         resume = resume or t.resume
@@ -121,11 +122,6 @@ class Trainer:
             self.load(resume)
 
     # ------------------------------------------------------------------ construction helpers
-
-    def _transform(self, name: str):
-        d = self.cfg.data
-        return build_transform(name, d.image_size, mean=d.mean, std=d.std, blur=d.blur,
-                               crop_ratio=d.eval_crop_ratio)
 
     def _optimizer(self) -> torch.optim.Optimizer:
         o = self.cfg.optim
@@ -166,10 +162,12 @@ class Trainer:
             state["rng_cuda"] = torch.cuda.get_rng_state_all()
         return state
 
-    def save(self) -> Path | None:
-        if not self.is_main:
-            return None
-        return save_checkpoint(self.state_dict(), self.checkpoint_path)
+    def save(self) -> None:
+        """Write the checkpoint (rank 0) unless it already holds this position."""
+        position = (self.epoch, self.step)
+        if self.is_main and self._saved_at != position:
+            save_checkpoint(self.state_dict(), self.checkpoint_path)
+        self._saved_at = position
 
     def load(self, path: str | Path) -> None:
         state = load_checkpoint(path, map_location="cpu")
@@ -180,6 +178,7 @@ class Trainer:
         self.method.load_state_dict(state["method"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.epoch, self.step = int(state["epoch"]), int(state["step"])
+        self._saved_at = (self.epoch, self.step)
         self.step_in_epoch = int(state.get("step_in_epoch", 0))
         torch.set_rng_state(state["rng_cpu"])
         if "rng_cuda" in state and torch.cuda.is_available():
@@ -230,6 +229,7 @@ class Trainer:
             self.method.on_epoch_start(self.epoch, self.loader)
             self.sampler.set_epoch(self.epoch, self.step_in_epoch)
             epoch_start, seen, loss_sum = time.monotonic(), 0, torch.zeros((), device=self.device)
+            log_sums: dict[str, torch.Tensor] = {}
             bar = tqdm(self.loader, total=self.steps_per_epoch, initial=self.step_in_epoch,
                        desc=f"epoch {self.epoch + 1}/{t.epochs}", leave=False, dynamic_ncols=True,
                        disable=not (t.progress_bar and self.is_main), file=sys.stdout)
@@ -237,6 +237,8 @@ class Trainer:
                 out, lr = self.train_step(views, indices, labels)
                 seen += indices.shape[0] * self.dist.world_size
                 loss_sum += out.loss.detach().float()
+                for key, value in out.logs.items():  # summed on the device: no host sync per step
+                    log_sums[key] = log_sums.get(key, 0.0) + value.detach().float()
                 if self.step % t.log_every_steps == 0 or self.device.type == "cpu":
                     self._check_finite(out.loss.detach())
                 if self.step % t.log_every_steps == 0:
@@ -261,6 +263,8 @@ class Trainer:
                        "images_per_s": round(seen / max(elapsed, 1e-9), 1)}
             steps_done = self.steps_per_epoch - self.sampler.start_batch
             summary["loss_mean"] = float(distributed.all_reduce_mean(loss_sum)) / max(steps_done, 1)
+            for key, total in log_sums.items():  # epoch means of what the method logs (e.g. purity)
+                summary[f"{key}_mean"] = float(distributed.all_reduce_mean(total)) / max(steps_done, 1)
             monitor = self.cfg.eval.monitor_every_epochs
             if monitor and self.epoch % monitor == 0 and self.is_main:
                 summary.update(self.evaluate(["knn"], random_init=False, quiet=True)["trained"])

@@ -1,5 +1,9 @@
-"""Evaluation protocols run on a frozen backbone: ``knn`` (weighted k-NN and majority vote) and ``nn``
-(1-NN), with the memory = the training split and the queries = the held-out split.
+"""Evaluation protocols run on a frozen backbone, memory/fit = the training split, queries = the held-out split:
+
+- ``knn``: weighted k-NN (k, T from ``eval``) and the unweighted majority vote;
+- ``nn``: 1-NN;
+- ``cluster``: k-means (k = number of classes) on the held-out features → NMI, adjusted NMI, ARI, label accuracy;
+- ``align``: MSF/CompRess cluster alignment (k-means on train, Hungarian map from train, accuracy on held-out).
 """
 
 from __future__ import annotations
@@ -13,12 +17,13 @@ from torch.utils.data import DataLoader
 from selfsup.config import Config, ConfigError
 from selfsup.data.datasets import build_dataset
 from selfsup.data.loader import EvalDataset
-from selfsup.data.transforms import build_transform
+from selfsup.data.transforms import transform_from_config
+from selfsup.eval.clustering import cluster_alignment, clustering_scores, kmeans
 from selfsup.eval.features import extract_features
 from selfsup.eval.knn import knn_sweep
 
-PROTOCOLS = ("knn", "nn")
-PLANNED = ("linear", "cluster", "align")
+PROTOCOLS = ("knn", "nn", "cluster", "align")
+PLANNED = ("linear",)
 
 
 def check_protocols(protocols: list[str]) -> None:
@@ -32,8 +37,7 @@ def check_protocols(protocols: list[str]) -> None:
 def feature_loader(cfg: Config, split: str) -> tuple[DataLoader, int]:
     data = cfg.data
     dataset = build_dataset(data, split)
-    transform = build_transform("eval", data.image_size, mean=data.mean, std=data.std,
-                                crop_ratio=data.eval_crop_ratio)
+    transform = transform_from_config(data, "eval")
     loader = DataLoader(EvalDataset(dataset, transform), batch_size=cfg.eval.batch_size,
                         num_workers=data.num_workers, shuffle=False)
     return loader, dataset.num_classes
@@ -47,6 +51,18 @@ def evaluate_backbone(backbone: nn.Module, cfg: Config, device: torch.device | s
     val_loader, _ = feature_loader(cfg, cfg.data.val_split)
     train_x, train_y = extract_features(backbone, train_loader, device, progress=progress)
     val_x, val_y = extract_features(backbone, val_loader, device, progress=progress)
+    scores: dict[str, float] = {}
+    if "knn" in protocols or "nn" in protocols:
+        scores.update(_knn_scores(cfg, protocols, train_x, train_y, val_x, val_y, num_classes))
+    if "cluster" in protocols:
+        _, assign = kmeans(val_x.to(device), num_classes, seed=cfg.train.seed)
+        scores.update({f"cluster_{k}": v for k, v in clustering_scores(assign.cpu().numpy(), val_y.numpy()).items()})
+    if "align" in protocols:
+        scores.update(cluster_alignment(train_x.to(device), train_y, val_x, val_y, seed=cfg.train.seed))
+    return scores
+
+
+def _knn_scores(cfg: Config, protocols: list[str], train_x, train_y, val_x, val_y, num_classes: int) -> dict:
     k = cfg.eval.knn_k
     ks = sorted({1, k} if "knn" in protocols else {1})
     temperatures: list[float | None] = [cfg.eval.knn_temperature, None] if "knn" in protocols else [None]

@@ -39,7 +39,8 @@ def evaluate_checkpoint(path: str | Path, protocols: list[str], overrides: list[
     print(format_scores(results))
     out = checkpoint.parent / "eval.json"
     previous = json.loads(out.read_text()) if out.is_file() else {}
-    previous.update(results)
+    for column, scores in results.items():  # keep scores of other protocols from earlier evaluations
+        previous.setdefault(column, {}).update(scores)
     out.write_text(json.dumps(previous, indent=2))
     return results
 
