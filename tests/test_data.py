@@ -452,3 +452,25 @@ def test_transform_errors() -> None:
     with pytest.raises(ConfigError, match="bicubic"):
         build_transform("weak", 32, interpolation="bicubc")
     assert build_transform("weak", 32, interpolation="bicubic").transforms[0].interpolation.value == "bicubic"
+
+
+def test_skipped_images_are_counted_across_loader_workers(tmp_path):
+    """Corrupt files read inside DataLoader worker processes still add to the run's count."""
+    from torch.utils.data import DataLoader
+
+    root = tmp_path / "folder"
+    for split in ("train", "val"):
+        for c in ("a", "b"):
+            (root / split / c).mkdir(parents=True)
+            for k in range(3):
+                Image.new("RGB", (4, 4), (k * 40, 0, 0)).save(root / split / c / f"{k}.png")
+    (root / "train" / "a" / "bad1.png").write_bytes(b"not an image")
+    (root / "train" / "b" / "bad2.png").write_bytes(b"broken")
+    cfg = DataConfig(name="imagefolder", path=str(root), skip_corrupt=True)
+    train = build_dataset(cfg, "train")
+    loader = DataLoader(train, batch_size=2, num_workers=2, collate_fn=lambda batch: [label for _, label in batch])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        labels = [label for batch in loader for label in batch]
+    assert len(labels) == 8
+    assert train.skipped == 2  # one per unreadable file, counted in the workers

@@ -9,11 +9,13 @@ CIFAR, STL-10, synthetic) are decoded once per process and shared by their split
 from __future__ import annotations
 
 import gzip
+import multiprocessing
 import os
 import pickle
 import warnings
 import zlib
 from collections.abc import Callable, Sequence
+from multiprocessing.context import get_spawning_popen
 from pathlib import Path
 from typing import Any
 
@@ -505,8 +507,24 @@ class ImageFolderDataset(ImageDataset):
             raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in class folders of "
                                     f"{folder}{hint}")
         self.targets = np.asarray(labels, dtype=np.int64)
-        self.skipped = 0
-        self._bad: set[str] = set()
+        self._bad: set[str] = set()  # unreadable paths seen by this process
+        self._skip_count = multiprocessing.Value("i", 0)  # shared with DataLoader workers: the run's total
+
+    @property
+    def skipped(self) -> int:  # type: ignore[override]
+        """Unreadable images skipped so far, summed over this process and its loader workers."""
+        return int(self._skip_count.value)
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        if get_spawning_popen() is None:  # plain pickling: a snapshot; spawning a worker: the shared counter
+            state["_skip_count"] = self.skipped
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        if isinstance(state["_skip_count"], int):
+            state["_skip_count"] = multiprocessing.Value("i", state["_skip_count"])
+        self.__dict__.update(state)
 
     def describe(self, i: int) -> str:
         return self.paths[i]
@@ -536,7 +554,8 @@ class ImageFolderDataset(ImageDataset):
                 if not self.skip_corrupt:
                     raise
                 self._bad.add(path)
-                self.skipped = len(self._bad)
+                with self._skip_count.get_lock():
+                    self._skip_count.value += 1
                 warnings.warn(f"skipping unreadable image {path} ({error.__cause__})", CorruptImageWarning,
                               stacklevel=2)
         raise ImageLoadError(f"no readable image in {self.root / self.split} ({len(self._bad)} unreadable)")

@@ -265,6 +265,8 @@ class Trainer:
             summary["loss_mean"] = float(distributed.all_reduce_mean(loss_sum)) / max(steps_done, 1)
             for key, total in log_sums.items():  # epoch means of what the method logs (e.g. purity)
                 summary[f"{key}_mean"] = float(distributed.all_reduce_mean(total)) / max(steps_done, 1)
+            if self.train_set.skipped:
+                summary["skipped_images"] = self.train_set.skipped
             monitor = self.cfg.eval.monitor_every_epochs
             if monitor and self.epoch % monitor == 0 and self.is_main:
                 summary.update(self.evaluate(["knn"], random_init=False, quiet=True)["trained"])
