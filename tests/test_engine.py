@@ -119,3 +119,41 @@ def test_resume_is_bit_identical(tmp_path, method):
         assert torch.equal(a[key], b[key]), key
     assert torch.equal(straight.optimizer.state_dict()["state"][0]["momentum_buffer"],
                        resumed.optimizer.state_dict()["state"][0]["momentum_buffer"])
+
+
+def test_duration_parsing():
+    from selfsup.config import ConfigError
+    from selfsup.engine.budget import parse_duration
+
+    assert parse_duration("6m") == 360 and parse_duration("90s") == 90 and parse_duration("1.5h") == 5400
+    assert parse_duration("45") == 45
+    with pytest.raises(ConfigError, match="6m"):
+        parse_duration("six minutes")
+
+
+def test_last_planned_step_reaches_the_final_value():
+    from selfsup.engine.schedules import lr_at_epoch
+
+    cfg = OptimConfig(lr=0.5, schedule="cosine", min_lr=0.01)
+    assert lr_at_epoch(cfg, 0.5, 3.0, 3.0) == pytest.approx(0.01)
+    assert lr_at_epoch(cfg, 0.5, 0.0, 3.0) == pytest.approx(0.5)
+
+
+def test_time_budget_run_ends_at_the_deadline_with_the_final_lr(tmp_path):
+    """A tiny model trained for 6 s: the planner re-plans from measured step times and stops within 5 %."""
+    import json
+
+    budget = 6.0
+    trainer = Trainer(tiny_config(tmp_path, f"train.time_budget={budget}s", "data.subset=null",
+                                  "optim.min_lr=0.001"))
+    trainer.fit()
+    seconds = trainer.budget.elapsed()
+    assert abs(seconds - budget) <= 0.05 * budget, seconds
+    assert trainer.step == trainer.total_steps and trainer.step > trainer.steps_per_epoch  # several epochs
+    records = [json.loads(line) for line in (trainer.run_dir / "metrics.jsonl").read_text().splitlines()]
+    lrs = [r["lr"] for r in records if "lr" in r]
+    assert lrs[0] == pytest.approx(0.05)
+    assert lrs[-1] == pytest.approx(0.001, abs=2e-3)  # the cosine ends at min_lr on the last step
+    # re-planning follows the measured step time: the curve moves smoothly, without jumps
+    assert all(abs(a - b) < 0.05 * 0.05 for a, b in zip(lrs[:-1], lrs[1:], strict=True))
+    assert records[-1]["steps"] == trainer.step and records[-1]["budget_seconds"] == budget

@@ -92,6 +92,7 @@ class TrainConfig:
     checkpoint_every_minutes: float = 30.0  # also save mid-epoch this often (long epochs)
     log_every_steps: int = 10
     max_steps: int | None = None  # stop after this many optimiser steps (debugging, tests)
+    time_budget: str | None = None  # e.g. 6m, 90s, 1.5h: train to this deadline, schedules planned over it
     progress_bar: bool = True
 
 

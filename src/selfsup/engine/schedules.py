@@ -31,19 +31,19 @@ def lr_at_epoch(cfg: OptimConfig, base_lr: float, epoch: float, total_epochs: fl
     return base_lr
 
 
+def lr_at_step(cfg: OptimConfig, base_lr: float, step: int, steps_per_epoch: int, epochs: float) -> float:
+    """The rate of optimiser step ``step`` (0-indexed); warm-up is always per step, as DINO/Mugs do."""
+    position = step / steps_per_epoch
+    if not cfg.per_step and position >= cfg.warmup_epochs:
+        position = math.floor(position)
+    return lr_at_epoch(cfg, base_lr, position, epochs)
+
+
 def lr_schedule(cfg: OptimConfig, base_lr: float, epochs: float, steps_per_epoch: int) -> np.ndarray:
     """One learning rate per step for ``epochs × steps_per_epoch`` steps."""
     check_choice("optim.schedule", cfg.schedule, SCHEDULES)
     total = int(round(epochs * steps_per_epoch))
-    steps = np.arange(total)
-    if cfg.per_step:
-        at = steps / steps_per_epoch
-    else:
-        at = np.floor(steps / steps_per_epoch)
-        if cfg.warmup_epochs > 0:  # warm-up is always per step, as DINO/Mugs do
-            fractional = steps / steps_per_epoch
-            at = np.where(fractional < cfg.warmup_epochs, fractional, at)
-    return np.array([lr_at_epoch(cfg, base_lr, float(e), epochs) for e in at], dtype=np.float64)
+    return np.array([lr_at_step(cfg, base_lr, s, steps_per_epoch, epochs) for s in range(total)], dtype=np.float64)
 
 
 def scaled_lr(cfg: OptimConfig, batch_size: int) -> float:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import random
 import sys
 import time
@@ -26,8 +27,9 @@ from selfsup.config import Config, ConfigError, check_choice, save_config
 from selfsup.data.datasets import build_dataset
 from selfsup.data.loader import EpochSampler, ViewDataset
 from selfsup.data.transforms import transform_from_config
+from selfsup.engine.budget import TimeBudget, parse_duration
 from selfsup.engine.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
-from selfsup.engine.schedules import lr_schedule, scaled_lr
+from selfsup.engine.schedules import lr_at_epoch, lr_at_step, scaled_lr
 from selfsup.eval.protocols import evaluate_backbone, format_scores
 from selfsup.methods import DataInfo, Method, build_method
 from selfsup.nn import distributed
@@ -89,7 +91,10 @@ class Trainer:
             persistent_workers=cfg.data.num_workers > 0, drop_last=False,
         )
         self.steps_per_epoch = self.sampler.batches_per_epoch
-        self.total_steps = t.epochs * self.steps_per_epoch
+        self.total_steps = t.epochs * self.steps_per_epoch  # with a time budget: re-planned as training runs
+        self.budget_seconds = parse_duration(t.time_budget) if t.time_budget else None
+        self.budget: TimeBudget | None = None  # the clock starts in fit()
+        self._seconds_done = 0.0  # training time of the run before a resume
 
         # model, precision, optimiser, schedule
         self.channels_last = t.channels_last if t.channels_last is not None else device.type == "cuda"
@@ -100,7 +105,6 @@ class Trainer:
         self.autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_bf16 else nullcontext
         self.optimizer = self._optimizer()
         self.base_lr = scaled_lr(cfg.optim, t.batch_size)
-        self.lrs = lr_schedule(cfg.optim, self.base_lr, t.epochs, self.steps_per_epoch)
         self.model: torch.nn.Module = self.method
         if self.dist.world_size > 1:
             self.model = DistributedDataParallel(
@@ -156,10 +160,13 @@ class Trainer:
             "epoch": self.epoch,
             "step": self.step,
             "step_in_epoch": self.step_in_epoch,
+            "total_steps": self.total_steps,
             "rng_cpu": torch.get_rng_state(),
         }
         if torch.cuda.is_available():
             state["rng_cuda"] = torch.cuda.get_rng_state_all()
+        if self.budget is not None:
+            state["train_seconds"] = self.budget.elapsed()
         return state
 
     def save(self) -> None:
@@ -180,6 +187,9 @@ class Trainer:
         self.epoch, self.step = int(state["epoch"]), int(state["step"])
         self._saved_at = (self.epoch, self.step)
         self.step_in_epoch = int(state.get("step_in_epoch", 0))
+        if self.budget_seconds is not None:
+            self.total_steps = int(state.get("total_steps", self.total_steps))
+            self._seconds_done = float(state.get("train_seconds", 0.0))
         torch.set_rng_state(state["rng_cpu"])
         if "rng_cuda" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng_cuda"])
@@ -197,8 +207,15 @@ class Trainer:
         memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
         return [v.to(self.device, non_blocking=True, memory_format=memory_format) for v in views]
 
+    def current_lr(self) -> float:
+        if self.budget is None:
+            return lr_at_step(self.cfg.optim, self.base_lr, self.step, self.steps_per_epoch, self.cfg.train.epochs)
+        # planned over the budget, per step, reaching the schedule's final value on the last planned step
+        last = max(self.total_steps - 1, 1) / self.steps_per_epoch
+        return lr_at_epoch(self.cfg.optim, self.base_lr, min(self.step / self.steps_per_epoch, last), last)
+
     def train_step(self, views: list[torch.Tensor], indices: torch.Tensor, labels: torch.Tensor):
-        lr = float(self.lrs[min(self.step, len(self.lrs) - 1)])
+        lr = self.current_lr()
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
         with self.autocast():
@@ -208,7 +225,9 @@ class Trainer:
         self.optimizer.step()
         self.step += 1
         self.step_in_epoch += 1
-        self.method.on_after_step(self.step / max(self.total_steps, 1))
+        if self.budget is not None:
+            self.total_steps = self.budget.plan(self.step, self.total_steps)
+        self.method.on_after_step(min(self.step / max(self.total_steps, 1), 1.0))
         return out, lr
 
     def _check_finite(self, loss: torch.Tensor) -> None:
@@ -222,16 +241,18 @@ class Trainer:
         t = self.cfg.train
         if self.is_main:
             print(f"run folder: {self.run_dir}\n{self._summary()}", flush=True)
+        if self.budget_seconds is not None:
+            self.budget = TimeBudget(self.budget_seconds, elapsed=self._seconds_done)
         last_save = time.monotonic()
         stop = False
-        while self.epoch < t.epochs and not stop:
+        while (self.budget_seconds is not None or self.epoch < t.epochs) and not stop:
             self.method.train()
             self.method.on_epoch_start(self.epoch, self.loader)
             self.sampler.set_epoch(self.epoch, self.step_in_epoch)
             epoch_start, seen, loss_sum = time.monotonic(), 0, torch.zeros((), device=self.device)
             log_sums: dict[str, torch.Tensor] = {}
             bar = tqdm(self.loader, total=self.steps_per_epoch, initial=self.step_in_epoch,
-                       desc=f"epoch {self.epoch + 1}/{t.epochs}", leave=False, dynamic_ncols=True,
+                       desc=f"epoch {self.epoch + 1}/{self.planned_epochs}", leave=False, dynamic_ncols=True,
                        disable=not (t.progress_bar and self.is_main), file=sys.stdout)
             for views, indices, labels in bar:
                 out, lr = self.train_step(views, indices, labels)
@@ -247,7 +268,8 @@ class Trainer:
                     record.update({k: float(v) for k, v in out.logs.items()})
                     self.log(record)
                     bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.3g}")
-                if t.max_steps is not None and self.step >= t.max_steps:
+                if (t.max_steps is not None and self.step >= t.max_steps) or (
+                        self.budget is not None and self.step >= self.total_steps):
                     stop = True
                     break
                 if time.monotonic() - last_save > t.checkpoint_every_minutes * 60:
@@ -255,7 +277,7 @@ class Trainer:
                     last_save = time.monotonic()
             bar.close()
             if stop and self.step_in_epoch < self.steps_per_epoch:
-                break  # mid-epoch stop: the checkpoint below resumes inside this epoch
+                break  # mid-epoch stop: the checkpoint below resumes inside this epoch (a budget run is done)
             self.epoch += 1
             self.step_in_epoch = 0
             elapsed = time.monotonic() - epoch_start
@@ -273,11 +295,14 @@ class Trainer:
             self.log(summary)
             if self.is_main:
                 scores = " ".join(f"{k}={v:.4g}" for k, v in summary.items() if k != "epoch_end")
-                print(f"epoch {self.epoch}/{t.epochs}: {scores}", flush=True)
-            if self.epoch % t.checkpoint_every_epochs == 0 or self.epoch == t.epochs:
+                print(f"epoch {self.epoch}/{self.planned_epochs}: {scores}", flush=True)
+            if self.epoch % t.checkpoint_every_epochs == 0 or self.epoch == self.planned_epochs:
                 self.save()
                 last_save = time.monotonic()
         self.save()
+        if self.budget is not None:
+            self.log({"budget_seconds": self.budget.seconds, "train_seconds": round(self.budget.elapsed(), 2),
+                      "steps": self.step})
         results: dict[str, Any] = {}
         if self.cfg.eval.at_end and self.cfg.eval.protocols and self.is_main:
             results = self.evaluate(self.cfg.eval.protocols, random_init=self.cfg.eval.compare_random_init)
@@ -286,6 +311,10 @@ class Trainer:
             print(format_scores(results), flush=True)
             print(f"run folder: {self.run_dir}", flush=True)
         return results
+
+    @property
+    def planned_epochs(self) -> int:
+        return math.ceil(self.total_steps / self.steps_per_epoch)
 
     def evaluate(self, protocols: list[str], *, random_init: bool, quiet: bool = False) -> dict[str, dict]:
         """Scores of the trained backbone (and of the same backbone at its initial weights)."""
@@ -304,7 +333,12 @@ class Trainer:
         return (f"{c.method.name} | {c.model.backbone} ({params / 1e6:.2f}M params) | {c.data.name}: "
                 f"{len(self.train_set)} images at {c.data.image_size}px, views {list(self.method.views)} | "
                 f"batch {c.train.batch_size} on {self.dist.world_size} process(es), {self.device} | "
-                f"{c.train.epochs} epochs x {self.steps_per_epoch} steps | lr {self.base_lr:g} {c.optim.schedule}")
+                f"{self._length()} | lr {self.base_lr:g} {c.optim.schedule}")
+
+    def _length(self) -> str:
+        if self.budget_seconds is not None:
+            return f"time budget {self.budget_seconds:g}s, {self.steps_per_epoch} steps/epoch"
+        return f"{self.cfg.train.epochs} epochs x {self.steps_per_epoch} steps"
 
 
 def train(cfg: Config, resume: str | Path | None = None) -> dict[str, Any]:
