@@ -240,7 +240,7 @@ class Trainer:
     def fit(self) -> dict[str, float]:
         t = self.cfg.train
         if self.is_main:
-            print(f"run folder: {self.run_dir}\n{self._summary()}", flush=True)
+            print(f"run folder: {self.run_dir}\n{self._summary()}\n{format_config(self.cfg)}", flush=True)
         if self.budget_seconds is not None:
             self.budget = TimeBudget(self.budget_seconds, elapsed=self._seconds_done)
         last_save = time.monotonic()
@@ -339,6 +339,15 @@ class Trainer:
         if self.budget_seconds is not None:
             return f"time budget {self.budget_seconds:g}s, {self.steps_per_epoch} steps/epoch"
         return f"{self.cfg.train.epochs} epochs x {self.steps_per_epoch} steps"
+
+
+def format_config(cfg: Config) -> str:
+    """The resolved configuration, one line per section (the full YAML is the run folder's config.yaml)."""
+    def show(value: Any) -> str:
+        return ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+
+    return "\n".join(f"  {section}: " + " ".join(f"{k}={show(v)}" for k, v in values.items())
+                     for section, values in cfg.to_dict().items())
 
 
 def train(cfg: Config, resume: str | Path | None = None) -> dict[str, Any]:
