@@ -157,3 +157,17 @@ def test_time_budget_run_ends_at_the_deadline_with_the_final_lr(tmp_path):
     # re-planning follows the measured step time: the curve moves smoothly, without jumps
     assert all(abs(a - b) < 0.05 * 0.05 for a, b in zip(lrs[:-1], lrs[1:], strict=True))
     assert records[-1]["steps"] == trainer.step and records[-1]["budget_seconds"] == budget
+
+
+def test_weight_decay_cosine_schedule_spares_exempt_groups(tmp_path):
+    trainer = Trainer(tiny_config(tmp_path, "optim.weight_decay=0.04", "optim.weight_decay_end=0.4"))
+    extra = torch.nn.Parameter(torch.zeros(2))
+    trainer.optimizer.add_param_group({"params": [extra], "weight_decay": 0.0})  # e.g. biases and norms
+    seen = []
+    for views, indices, labels in trainer.loader:
+        trainer.train_step(views, indices, labels)
+        seen.append([g["weight_decay"] for g in trainer.optimizer.param_groups])
+    total = trainer.total_steps
+    for step, (decayed, exempt) in enumerate(seen):
+        expected = 0.4 + (0.04 - 0.4) * 0.5 * (1 + math.cos(math.pi * step / (total - 1)))
+        assert decayed == pytest.approx(expected) and exempt == 0.0

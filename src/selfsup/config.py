@@ -65,6 +65,7 @@ class OptimConfig:
     reference_batch_size: int | None = None  # scale lr linearly by batch_size / this (None: no scaling)
     momentum: float = 0.9
     weight_decay: float = 1e-4
+    weight_decay_end: float | None = None  # cosine weight-decay schedule to this value per step (DINO/Mugs)
     nesterov: bool = False
     schedule: str = "cosine"  # cosine | step | constant
     per_step: bool = False  # update the schedule every step instead of every epoch (seeds: per epoch)

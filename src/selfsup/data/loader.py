@@ -12,16 +12,27 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 
-class ViewDataset(Dataset):
-    """``(views, index, label)`` samples: one transform per view, applied to the same image.
+class MultiView:
+    """One transform per view, each applied to the same image: ``image -> [view_0, view_1, ...]``."""
 
-    Keys are ``(index, seed)`` pairs from :class:`EpochSampler`; the transforms draw from torch's
-    RNG reseeded with ``seed`` (the caller's RNG is left untouched).
+    def __init__(self, transforms: Sequence[Callable]):
+        self.transforms = list(transforms)
+
+    def __call__(self, image) -> list[torch.Tensor]:
+        return [transform(image) for transform in self.transforms]
+
+
+class ViewDataset(Dataset):
+    """``(views, index, label)`` samples: ``make_views(image)`` gives the list of views of one image
+    (a :class:`MultiView`, or a method's own multi-crop producer).
+
+    Keys are ``(index, seed)`` pairs from :class:`EpochSampler`; the views draw from torch's RNG
+    reseeded with ``seed`` (the caller's RNG is left untouched).
     """
 
-    def __init__(self, base: Dataset, transforms: Sequence[Callable]):
+    def __init__(self, base: Dataset, make_views: Callable[..., list[torch.Tensor]]):
         self.base = base
-        self.transforms = list(transforms)
+        self.make_views = make_views
 
     def __len__(self) -> int:
         return len(self.base)
@@ -31,7 +42,7 @@ class ViewDataset(Dataset):
         image, label = self.base[index]
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            views = [transform(image) for transform in self.transforms]
+            views = self.make_views(image)
         return views, index, label
 
 

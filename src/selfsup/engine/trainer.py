@@ -26,7 +26,6 @@ from tqdm import tqdm
 from selfsup.config import Config, ConfigError, check_choice, save_config
 from selfsup.data.datasets import build_dataset
 from selfsup.data.loader import EpochSampler, ViewDataset
-from selfsup.data.transforms import transform_from_config
 from selfsup.engine.budget import TimeBudget, parse_duration
 from selfsup.engine.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from selfsup.engine.schedules import lr_at_epoch, lr_at_step, scaled_lr
@@ -82,11 +81,11 @@ class Trainer:
         seed_everything(t.seed)  # the same initial weights (and random-init baseline) on every start
         self.method: Method = build_method(cfg, DataInfo(len(self.train_set), self.train_set.num_classes))
         self.initial_backbone = copy.deepcopy(self.method.backbone.state_dict())
-        transforms = [transform_from_config(cfg.data, view) for view in self.method.views]
         self.sampler = EpochSampler(len(self.train_set), self.batch_per_rank, seed=t.seed, rank=self.dist.rank,
                                     world_size=self.dist.world_size, drop_last=t.drop_last)
         self.loader = DataLoader(
-            ViewDataset(self.train_set, transforms), batch_size=self.batch_per_rank, sampler=self.sampler,
+            ViewDataset(self.train_set, self.method.build_views(cfg.data)), batch_size=self.batch_per_rank,
+            sampler=self.sampler,
             num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda",
             persistent_workers=cfg.data.num_workers > 0, drop_last=False,
         )
@@ -204,8 +203,11 @@ class Trainer:
                 handle.write(json.dumps(record) + "\n")
 
     def _to_device(self, views: list[torch.Tensor]) -> list[torch.Tensor]:
-        memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
-        return [v.to(self.device, non_blocking=True, memory_format=memory_format) for v in views]
+        def move(view: torch.Tensor) -> torch.Tensor:  # images (4-d) in the model's layout; flags as they are
+            layout = torch.channels_last if self.channels_last and view.dim() == 4 else torch.preserve_format
+            return view.to(self.device, non_blocking=True, memory_format=layout)
+
+        return [move(v) for v in views]
 
     def current_lr(self) -> float:
         if self.budget is None:
@@ -214,14 +216,27 @@ class Trainer:
         last = max(self.total_steps - 1, 1) / self.steps_per_epoch
         return lr_at_epoch(self.cfg.optim, self.base_lr, min(self.step / self.steps_per_epoch, last), last)
 
+    def current_weight_decay(self) -> float:
+        """``optim.weight_decay``, or its cosine to ``optim.weight_decay_end`` over training (DINO/Mugs)."""
+        o = self.cfg.optim
+        if o.weight_decay_end is None:
+            return o.weight_decay
+        progress = min(self.step / max(self.total_steps - 1, 1), 1.0)
+        return o.weight_decay_end + (o.weight_decay - o.weight_decay_end) * 0.5 * (1 + math.cos(math.pi * progress))
+
     def train_step(self, views: list[torch.Tensor], indices: torch.Tensor, labels: torch.Tensor):
         lr = self.current_lr()
+        weight_decay = self.current_weight_decay()
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
+            if group.get("weight_decay", 0.0) > 0 or group.get("scheduled_decay", False):
+                group["weight_decay"] = weight_decay  # groups a method exempts (weight_decay 0) stay at 0
+                group["scheduled_decay"] = True
         with self.autocast():
             out = self.model(self._to_device(views), indices.to(self.device), labels.to(self.device))
         self.optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
+        self.method.on_before_optimizer_step()
         self.optimizer.step()
         self.step += 1
         self.step_in_epoch += 1

@@ -14,7 +14,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from selfsup.config import Config, MethodConfig, check_choice
+from selfsup.config import Config, DataConfig, MethodConfig, check_choice
+from selfsup.data.loader import MultiView
+from selfsup.data.transforms import transform_from_config
 from selfsup.models.backbones import build_backbone
 
 
@@ -69,6 +71,14 @@ class Method(nn.Module):
                       labels: torch.Tensor) -> StepOutput:
         """One step's loss. ``labels`` are for monitoring only (e.g. neighbour purity), never the loss."""
         raise NotImplementedError
+
+    def build_views(self, data: DataConfig) -> Callable[..., list[torch.Tensor]]:
+        """``image -> list of view tensors`` for the data pipeline. Default: one transform per name in
+        ``views``. Multi-crop methods override it (views of several sizes, per-image flags as 0-d tensors)."""
+        return MultiView([transform_from_config(data, name) for name in self.views])
+
+    def on_before_optimizer_step(self) -> None:
+        """After backward, before the optimiser step: e.g. gradient clipping, freezing a layer's update."""
 
     def on_after_step(self, progress: float) -> None:
         """After the optimiser step: teacher EMA, schedules. ``progress`` in [0, 1] over the whole run."""
