@@ -71,3 +71,10 @@ def test_divergence_stops_with_a_clear_error_and_keeps_the_last_checkpoint(tmp_p
         trainer.fit()
     assert not (tmp_path / "run" / "checkpoint.pt").exists() or torch.isfinite(
         load_checkpoint(tmp_path / "run")["method"]["queue.bank"]).all()
+
+
+def test_resume_with_a_different_model_is_one_clear_error(tmp_path, capsys):
+    assert main(["train", *_words(tmp_path, "train.max_steps=2")]) == 0
+    assert main(["train", *_words(tmp_path, "method.dim=8", "train.resume=auto")]) == 2
+    err = capsys.readouterr().err
+    assert "different configuration" in err and "--resume" in err and "Traceback" not in err

@@ -105,12 +105,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     from selfsup.data.datasets import DataFormatError, ImageLoadError
     from selfsup.engine.checkpoint import CheckpointError
+    from selfsup.engine.trainer import Preempted
 
     try:
         return args.func(args)
     except (ConfigError, CheckpointError, FileNotFoundError, ImageLoadError, DataFormatError) as error:
         print(f"selfsup: error: {error}", file=sys.stderr)
         return 2
+    except Preempted:
+        return 143  # 128 + SIGTERM: the scheduler sees an interrupted job, the checkpoint is in the run folder
     except KeyboardInterrupt:
         print("selfsup: interrupted; the last checkpoint is kept in the run folder", file=sys.stderr)
         return 130

@@ -9,7 +9,9 @@ import copy
 import json
 import math
 import random
+import signal
 import sys
+import threading
 import time
 from contextlib import nullcontext
 from datetime import datetime
@@ -53,6 +55,13 @@ def seed_everything(seed: int) -> None:
 
 class NonFiniteLossError(RuntimeError):
     pass
+
+
+class Preempted(RuntimeError):
+    """SIGTERM/SIGUSR1 (e.g. Slurm pre-emption) arrived: the checkpoint was written and the run stopped."""
+
+
+PREEMPTION_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGUSR1") if hasattr(signal, name))
 
 
 class Trainer:
@@ -181,8 +190,15 @@ class Trainer:
         if missing:
             raise ConfigError(f"{path} is not a selfsup training checkpoint (missing {missing}); "
                               "use `selfsup eval` for backbone-only files")
-        self.method.load_state_dict(state["method"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        try:
+            self.method.load_state_dict(state["method"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError) as error:
+            first = str(error).strip().splitlines()
+            raise ConfigError(
+                f"{path} was written by a run with a different configuration ({first[-1].strip() if first else ''}); "
+                "resume with `selfsup train --resume RUN`, which uses the run's saved config"
+            ) from None
         self.epoch, self.step = int(state["epoch"]), int(state["step"])
         self._saved_at = (self.epoch, self.step)
         self.step_in_epoch = int(state.get("step_in_epoch", 0))
@@ -253,6 +269,30 @@ class Trainer:
             )
 
     def fit(self) -> dict[str, float]:
+        """Train to the end (or the time budget), then evaluate. A pre-emption signal saves and raises
+        :class:`Preempted`; the same command with ``train.resume=auto`` (or ``--resume RUN``) continues."""
+        previous = self._catch_preemption()
+        try:
+            return self._fit()
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+
+    def _catch_preemption(self) -> dict:
+        self._signal: int | None = None
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+
+        def note(signum, frame):  # only a flag here: the loop saves at the next step boundary
+            self._signal = signum
+
+        return {signum: signal.signal(signum, note) for signum in PREEMPTION_SIGNALS}
+
+    def _preempted(self) -> bool:
+        flag = torch.tensor(float(self._signal is not None), device=self.device)
+        return bool(distributed.all_reduce_mean(flag) > 0)  # every rank stops at the same step
+
+    def _fit(self) -> dict[str, float]:
         t = self.cfg.train
         if self.is_main:
             print(f"run folder: {self.run_dir}\n{self._summary()}\n{format_config(self.cfg)}", flush=True)
@@ -287,6 +327,14 @@ class Trainer:
                         self.budget is not None and self.step >= self.total_steps):
                     stop = True
                     break
+                if (self.device.type == "cpu" or self.step % t.log_every_steps == 0) and self._preempted():
+                    self.save()
+                    message = (f"stopped by signal {self._signal} at step {self.step}; checkpoint saved in "
+                               f"{self.run_dir}. Resume with: selfsup train --resume {self.run_dir}")
+                    self.log({"preempted_at_step": self.step})
+                    if self.is_main:
+                        print(message, file=sys.stderr, flush=True)
+                    raise Preempted(message)
                 if time.monotonic() - last_save > t.checkpoint_every_minutes * 60:
                     self.save()
                     last_save = time.monotonic()
