@@ -171,3 +171,14 @@ def test_weight_decay_cosine_schedule_spares_exempt_groups(tmp_path):
     for step, (decayed, exempt) in enumerate(seen):
         expected = 0.4 + (0.04 - 0.4) * 0.5 * (1 + math.cos(math.pi * step / (total - 1)))
         assert decayed == pytest.approx(expected) and exempt == 0.0
+
+
+def test_time_budget_pause_excludes_time():
+    import time as clock
+
+    from selfsup.engine.budget import TimeBudget
+
+    budget = TimeBudget(10.0)
+    with budget.paused():
+        clock.sleep(0.2)
+    assert budget.elapsed() < 0.1

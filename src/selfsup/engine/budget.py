@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from selfsup.config import ConfigError
 
@@ -40,6 +42,18 @@ class TimeBudget:
 
     def elapsed(self) -> float:
         return time.monotonic() - self._start
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Time spent inside does not count (e.g. an evaluation in a time-to-accuracy benchmark)."""
+        began = time.monotonic()
+        try:
+            yield
+        finally:
+            spent = time.monotonic() - began
+            self._start += spent
+            if self._mark is not None:
+                self._mark = (self._mark[0], self._mark[1] + spent)
 
     def plan(self, step: int, current_plan: int) -> int:
         """Total steps that fit, given ``step`` steps done now (``current_plan`` until a rate is known)."""

@@ -13,6 +13,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from datetime import datetime
 from pathlib import Path
@@ -125,6 +126,7 @@ class Trainer:
         self.step = 0  # optimiser steps done
         self.step_in_epoch = 0
         self._saved_at = (-1, -1)
+        self.step_callbacks: list[Callable[[Trainer], None]] = []  # called after every step (benchmarks)
         self.run_dir = self._run_dir()
         self.checkpoint_path = self.run_dir / CHECKPOINT_NAME
         resume = resume or t.resume
@@ -323,6 +325,8 @@ class Trainer:
                     record.update({k: float(v) for k, v in out.logs.items()})
                     self.log(record)
                     bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.3g}")
+                for callback in self.step_callbacks:
+                    callback(self)
                 if (t.max_steps is not None and self.step >= t.max_steps) or (
                         self.budget is not None and self.step >= self.total_steps):
                     stop = True
