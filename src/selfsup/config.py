@@ -35,6 +35,7 @@ class DataConfig:
     val_split: str = "val"  # held-out split for monitors and evaluation
     subset: int | None = None  # use only the first N training images (quick experiments)
     num_workers: int = 0  # DataLoader worker processes
+    augment: str = "per_sample"  # per_sample: PIL transforms in the loader | batch: tensor ops on the training device
     skip_corrupt: bool = False  # skip (and count) unreadable images instead of stopping the run
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
@@ -49,6 +50,13 @@ class ModelConfig:
     backbone: str = "resnet_mini"  # see selfsup.models.backbones.BACKBONES
     small_stem: bool = True  # CIFAR stem: 3x3 stride-1 conv and no max-pool (small images)
     zero_init_residual: bool = False
+    # ViTs (selfsup.models.vit); None keeps the architecture's preset, ResNets ignore these
+    patch_size: int | None = None
+    embed_dim: int | None = None
+    depth: int | None = None
+    num_heads: int | None = None
+    drop_path_rate: float = 0.0  # stochastic depth, linspace(0, rate) over the blocks
+    vit_image_size: int = 224  # the position-embedding grid is laid out for this side; other sizes interpolate
 
 
 @dataclass
@@ -106,6 +114,14 @@ class EvalConfig:
     knn_temperature: float = 0.07
     monitor_every_epochs: int = 0  # kNN monitor on the val split every N epochs (0: off)
     batch_size: int = 256
+    # protocol "linear" (selfsup.eval.linear)
+    linear_mode: str = "fast"  # fast: cached features, L-BFGS, wd chosen on a train hold-out | standard: augmented SGD
+    linear_recipe: str = "moco"  # standard: moco (lr 30, 100 ep, x0.1 at 60/80) | umbc (standardise, lr 0.01, 40 ep)
+    linear_epochs: int | None = None  # standard: override the recipe's epochs (its lr milestones scale along)
+    linear_ten_crop: bool = False  # standard: score val with 10 crops, mean logits (SeLa)
+    linear_standardize: bool = True  # fast: L2-normalise + standardise with train mean/var (UMBC) before the fit
+    linear_holdout: float = 0.2  # fast: fraction of the train split held out to choose the weight decay
+    linear_weight_decays: list[float] = field(default_factory=lambda: [1e-6, 1e-5, 1e-4, 1e-3, 1e-2])  # fast: grid
 
 
 @dataclass

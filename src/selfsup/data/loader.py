@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch.utils.data import Dataset, Sampler
+from torchvision.transforms.functional import pil_to_tensor
 
 
 class MultiView:
@@ -44,6 +45,22 @@ class ViewDataset(Dataset):
             torch.manual_seed(seed)
             views = self.make_views(image)
         return views, index, label
+
+
+class ImageTensorDataset(Dataset):
+    """``(uint8 image tensor (C, H, W), index, label)`` for augmentation on the training device
+    (``data.augment=batch``); keys are ``(index, seed)`` from :class:`EpochSampler` (the seed is unused)."""
+
+    def __init__(self, base: Dataset):
+        self.base = base
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int, int]:
+        index, _ = key
+        image, label = self.base[index]
+        return pil_to_tensor(image), index, label
 
 
 class EvalDataset(Dataset):

@@ -27,8 +27,9 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from selfsup.config import Config, ConfigError, check_choice, save_config
+from selfsup.data.batch_augment import batch_transform_from_config
 from selfsup.data.datasets import build_dataset
-from selfsup.data.loader import EpochSampler, ViewDataset
+from selfsup.data.loader import EpochSampler, ImageTensorDataset, ViewDataset
 from selfsup.engine.budget import TimeBudget, parse_duration
 from selfsup.engine.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from selfsup.engine.schedules import lr_at_epoch, lr_at_step, scaled_lr
@@ -93,9 +94,18 @@ class Trainer:
         self.initial_backbone = copy.deepcopy(self.method.backbone.state_dict())
         self.sampler = EpochSampler(len(self.train_set), self.batch_per_rank, seed=t.seed, rank=self.dist.rank,
                                     world_size=self.dist.world_size, drop_last=t.drop_last)
+        check_choice("data.augment", cfg.data.augment, ("per_sample", "batch"))
+        self.batch_views: list[torch.nn.Module] = []
+        if cfg.data.augment == "batch":
+            if type(self.method).build_views is not Method.build_views:
+                raise ConfigError(f"method {cfg.method.name!r} builds its own multi-crop views, which only "
+                                  "data.augment=per_sample supports")
+            self.batch_views = [batch_transform_from_config(cfg.data, name).to(device) for name in self.method.views]
+            dataset: torch.utils.data.Dataset = ImageTensorDataset(self.train_set)
+        else:
+            dataset = ViewDataset(self.train_set, self.method.build_views(cfg.data))
         self.loader = DataLoader(
-            ViewDataset(self.train_set, self.method.build_views(cfg.data)), batch_size=self.batch_per_rank,
-            sampler=self.sampler,
+            dataset, batch_size=self.batch_per_rank, sampler=self.sampler,
             num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda",
             persistent_workers=cfg.data.num_workers > 0, drop_last=False,
         )
@@ -242,6 +252,17 @@ class Trainer:
         progress = min(self.step / max(self.total_steps - 1, 1), 1.0)
         return o.weight_decay_end + (o.weight_decay - o.weight_decay_end) * 0.5 * (1 + math.cos(math.pi * progress))
 
+    def _augment_on_device(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """``data.augment=batch``: every view of the whole batch in a few tensor ops on the training device,
+        with a generator seeded by (run seed, rank, step) so a resumed run draws the same views."""
+        if images.dim() != 4:
+            raise ConfigError("data.augment=batch needs images of one size (in-memory data sets such as digits, "
+                              "fashion-mnist, cifar, stl10); use data.augment=per_sample")
+        images = images.to(self.device, non_blocking=True)
+        generator = torch.Generator(device=self.device)
+        generator.manual_seed((self.cfg.train.seed * 1_000_003 + self.dist.rank) * 1_000_000_007 + self.step)
+        return [augment(images, generator) for augment in self.batch_views]
+
     def train_step(self, views: list[torch.Tensor], indices: torch.Tensor, labels: torch.Tensor):
         lr = self.current_lr()
         weight_decay = self.current_weight_decay()
@@ -250,6 +271,8 @@ class Trainer:
             if group.get("weight_decay", 0.0) > 0 or group.get("scheduled_decay", False):
                 group["weight_decay"] = weight_decay  # groups a method exempts (weight_decay 0) stay at 0
                 group["scheduled_decay"] = True
+        if self.batch_views:
+            views = self._augment_on_device(views)
         with self.autocast():
             out = self.model(self._to_device(views), indices.to(self.device), labels.to(self.device))
         self.optimizer.zero_grad(set_to_none=True)
