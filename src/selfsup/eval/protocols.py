@@ -3,7 +3,8 @@
 - ``knn``: weighted k-NN (k, T from ``eval``) and the unweighted majority vote;
 - ``nn``: 1-NN;
 - ``cluster``: k-means (k = number of classes) on the held-out features → NMI, adjusted NMI, ARI, label accuracy;
-- ``align``: MSF/CompRess cluster alignment (k-means on train, Hungarian map from train, accuracy on held-out).
+- ``align``: MSF/CompRess cluster alignment (k-means on train, Hungarian map from train, accuracy on held-out);
+- ``linear``: linear probe (``eval.linear_mode``: fast on cached features, or standard as the papers) → top-1/top-5.
 """
 
 from __future__ import annotations
@@ -11,25 +12,24 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from selfsup.config import Config, ConfigError
+from selfsup.config import Config, ConfigError, check_choice
 from selfsup.data.datasets import build_dataset
 from selfsup.data.loader import EvalDataset
 from selfsup.data.transforms import transform_from_config
 from selfsup.eval.clustering import cluster_alignment, clustering_scores, kmeans
 from selfsup.eval.features import extract_features
 from selfsup.eval.knn import knn_sweep
+from selfsup.eval.linear import LINEAR_MODES, linear_probe_fast, linear_probe_standard
 
-PROTOCOLS = ("knn", "nn", "cluster", "align")
-PLANNED = ("linear",)
+PROTOCOLS = ("knn", "nn", "cluster", "align", "linear")
 
 
 def check_protocols(protocols: list[str]) -> None:
     for name in protocols:
-        if name in PLANNED:
-            raise ConfigError(f"evaluation protocol {name!r} is not available yet; available: {list(PROTOCOLS)}")
         if name not in PROTOCOLS:
             raise ConfigError(f"unknown evaluation protocol {name!r}; choose from {list(PROTOCOLS)}")
 
@@ -45,12 +45,29 @@ def feature_loader(cfg: Config, split: str) -> tuple[DataLoader, int]:
 
 def evaluate_backbone(backbone: nn.Module, cfg: Config, device: torch.device | str,
                       protocols: list[str], *, progress: bool = False) -> dict[str, float]:
-    """Scores in percent, e.g. ``{"knn20_T0.07": …, "knn20_vote": …, "nn": …}``."""
+    """Scores in percent, e.g. ``{"knn20_T0.07": …, "knn20_vote": …, "nn": …, "linear_top1": …}``."""
     check_protocols(protocols)
+    check_choice("eval.linear_mode", cfg.eval.linear_mode, LINEAR_MODES)
+    scores: dict[str, float] = {}
+    standard_linear = "linear" in protocols and cfg.eval.linear_mode == "standard"
+    if any(p != "linear" or not standard_linear for p in protocols):
+        scores.update(_feature_scores(backbone, cfg, device, protocols, progress))
+    if standard_linear:
+        e = cfg.eval
+        result = linear_probe_standard(backbone, cfg, device, recipe=e.linear_recipe, epochs=e.linear_epochs,
+                                       ten_crop=e.linear_ten_crop, progress=progress)
+        scores.update(result.scores())
+    return scores
+
+
+def _feature_scores(backbone: nn.Module, cfg: Config, device: torch.device | str, protocols: list[str],
+                    progress: bool) -> dict[str, float]:
+    """The protocols that work on eval-transform features, extracted once (raw; L2-normalised for kNN/k-means)."""
     train_loader, num_classes = feature_loader(cfg, cfg.data.train_split)
     val_loader, _ = feature_loader(cfg, cfg.data.val_split)
-    train_x, train_y = extract_features(backbone, train_loader, device, progress=progress)
-    val_x, val_y = extract_features(backbone, val_loader, device, progress=progress)
+    raw_train_x, train_y = extract_features(backbone, train_loader, device, normalize=False, progress=progress)
+    raw_val_x, val_y = extract_features(backbone, val_loader, device, normalize=False, progress=progress)
+    train_x, val_x = F.normalize(raw_train_x, dim=1), F.normalize(raw_val_x, dim=1)
     scores: dict[str, float] = {}
     if "knn" in protocols or "nn" in protocols:
         scores.update(_knn_scores(cfg, protocols, train_x, train_y, val_x, val_y, num_classes))
@@ -59,6 +76,12 @@ def evaluate_backbone(backbone: nn.Module, cfg: Config, device: torch.device | s
         scores.update({f"cluster_{k}": v for k, v in clustering_scores(assign.cpu().numpy(), val_y.numpy()).items()})
     if "align" in protocols:
         scores.update(cluster_alignment(train_x.to(device), train_y, val_x, val_y, seed=cfg.train.seed))
+    if "linear" in protocols and cfg.eval.linear_mode == "fast":
+        e = cfg.eval
+        result = linear_probe_fast(raw_train_x, train_y, raw_val_x, val_y, num_classes, device=device,
+                                   standardize=e.linear_standardize, weight_decays=e.linear_weight_decays,
+                                   holdout=e.linear_holdout, seed=cfg.train.seed)
+        scores.update(result.scores())
     return scores
 
 

@@ -1,0 +1,211 @@
+"""Backbone files: ``selfsup export RUN OUT`` and :func:`load_backbone`.
+
+An exported file holds nothing but the backbone's own state-dict tensors (ResNets: plain torchvision keys
+``conv1.weight``, ``layer1.0.bn1.running_mean`` … and no ``fc``; ViTs: timm's ``cls_token``, ``blocks.0.*``
+…) plus a small metadata record (:class:`BackboneInfo`: backbone name, small_stem, feature_dim, the
+``model`` config section that rebuilds it, and a one-line rebuild hint).
+
+* ``.safetensors``: the tensors, metadata in the safetensors header (``safetensors.torch.load_file`` gives
+  the plain state dict);
+* ``.pt`` / ``.pth``: ``{"state_dict": tensors, "selfsup": metadata}`` (loads with ``weights_only=True``).
+
+Rebuilding without selfsup: ``net = torchvision.models.resnet50(); net.fc = torch.nn.Identity()`` loads a
+non-small-stem export with ``strict=True``. A ``small_stem`` run replaced the stem, so first call
+``selfsup.models.backbones.use_small_stem(net, net.conv1.out_channels)`` (3×3 stride-1 conv1, no max-pool).
+:func:`load_backbone` does all of this from the metadata, loads with ``strict=True`` and returns the
+module in eval mode; ``build_backbone(ModelConfig(**info.model))`` is the library call behind it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torchvision
+from torch import nn
+
+from selfsup.config import Config, ConfigError, ModelConfig, config_from_dict
+from selfsup.engine.checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint, save_checkpoint
+from selfsup.models import BACKBONES, build_backbone  # the package import registers the ViTs too
+
+FORMAT = "selfsup-backbone/1"
+SUFFIXES = (".safetensors", ".pt", ".pth")
+
+
+@dataclass
+class BackboneInfo:
+    backbone: str  # a selfsup.models.backbones name (resnet50, resnet_mini, vit_small …)
+    feature_dim: int
+    small_stem: bool = False
+    model: dict[str, Any] = field(default_factory=dict)  # the ModelConfig fields that rebuild it
+    source: str = ""  # where the weights came from
+
+    @classmethod
+    def from_model_config(cls, model: ModelConfig, feature_dim: int, source: str = "") -> BackboneInfo:
+        return cls(model.backbone, feature_dim, model.small_stem, dataclasses.asdict(model), source)
+
+    def model_config(self) -> ModelConfig:
+        try:
+            return ModelConfig(**{"backbone": self.backbone, "small_stem": self.small_stem, **self.model})
+        except TypeError as error:  # a field this selfsup version does not know
+            raise CheckpointError(f"backbone metadata {self.model} does not fit this selfsup version: {error}") \
+                from None
+
+    def rebuild_hint(self) -> str:
+        if not hasattr(torchvision.models, self.backbone):  # selfsup's own (resnet_mini, ViTs ...)
+            return "selfsup.export.load_backbone(path), or build_backbone(ModelConfig(**info.model))"
+        hint = f"net = torchvision.models.{self.backbone}(); net.fc = torch.nn.Identity()"
+        return hint + ("; selfsup.models.backbones.use_small_stem(net, net.conv1.out_channels)"
+                       if self.small_stem else "")
+
+    def to_metadata(self) -> dict[str, str]:
+        meta = {"format": FORMAT, "rebuild": self.rebuild_hint()}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            meta[f.name] = value if isinstance(value, str) else json.dumps(value)
+        return meta
+
+    @classmethod
+    def from_metadata(cls, meta: dict[str, str], path: str | Path) -> BackboneInfo:
+        if meta.get("format") != FORMAT:
+            raise CheckpointError(f"{path} is not a selfsup backbone file (metadata format "
+                                  f"{meta.get('format')!r}, expected {FORMAT!r}); write one with `selfsup export` "
+                                  "or `selfsup import`")
+        kwargs = {}
+        for f in dataclasses.fields(cls):
+            if f.name in meta:
+                kwargs[f.name] = meta[f.name] if f.type in (str, "str") else json.loads(meta[f.name])
+        return cls(**kwargs)
+
+
+def _check_suffix(path: Path) -> None:
+    if path.suffix not in SUFFIXES:
+        raise ConfigError(f"{path}: the output must end in {', '.join(SUFFIXES)} (it picks the file format)")
+
+
+def save_backbone(state: dict[str, torch.Tensor], path: str | Path, info: BackboneInfo) -> Path:
+    """Write ``state`` (a backbone state dict) and ``info``; the format follows the suffix. Atomic."""
+    path = Path(path)
+    _check_suffix(path)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    if path.suffix != ".safetensors":
+        return save_checkpoint({"state_dict": tensors, "selfsup": info.to_metadata()}, path)
+    from safetensors.torch import save
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as handle:  # (safetensors' own save_file creates files readable by the owner only)
+            handle.write(save(tensors, metadata=info.to_metadata()))
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def read_backbone(path: str | Path) -> tuple[dict[str, torch.Tensor], BackboneInfo]:
+    """The tensors and :class:`BackboneInfo` of a file written by :func:`save_backbone`."""
+    path = Path(path)
+    _check_suffix(path)
+    if not path.is_file():
+        raise CheckpointError(f"no backbone file at {str(path)!r}")
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                meta = handle.metadata() or {}
+                tensors = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118 (no __iter__)
+        except SafetensorError as error:
+            raise CheckpointError(f"{path} is not a readable safetensors file: {error}") from None
+        return tensors, BackboneInfo.from_metadata(meta, path)
+    state = load_checkpoint(path)
+    if "state_dict" not in state or "selfsup" not in state:
+        raise CheckpointError(f"{path} has no 'state_dict'/'selfsup' entries: not a selfsup backbone file "
+                              f"(found {sorted(state)[:8]}); for a seed's checkpoint use `selfsup import`")
+    return state["state_dict"], BackboneInfo.from_metadata(state["selfsup"], path)
+
+
+def build_from_info(info: BackboneInfo) -> nn.Module:
+    """A freshly initialised module with the architecture ``info`` describes."""
+    model = info.model_config()
+    if model.backbone not in BACKBONES:
+        raise CheckpointError(f"backbone {model.backbone!r} is not in this selfsup version's registry "
+                              f"({', '.join(sorted(BACKBONES))})")
+    return build_backbone(model)[0]
+
+
+def key_problems(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> str:
+    """What keeps ``state`` from loading strictly where ``expected`` (a model's state dict) is wanted; "" if nothing."""
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
+              if k in state and state[k].shape != v.shape]
+    return "; ".join(f"{label} {abbreviate(keys)}" for label, keys in
+                     (("missing", missing), ("unexpected", unexpected), ("shape (file vs model)", shapes)) if keys)
+
+
+def load_strict(module: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+    """``load_state_dict(strict=True)`` with one error naming the missing, unexpected or mis-shaped keys."""
+    problems = key_problems(module.state_dict(), state)
+    if problems:
+        raise CheckpointError(f"{what}: {problems}")
+    module.load_state_dict(state, strict=True)
+
+
+def abbreviate(items: list[str], n: int = 6) -> str:
+    """The first ``n`` items, comma-separated, and how many there are in all."""
+    return ", ".join(items[:n]) + (f" … ({len(items)} in all)" if len(items) > n else "")
+
+
+def load_backbone(path: str | Path, device: torch.device | str = "cpu") -> nn.Module:
+    """Rebuild the backbone an exported/imported file describes, load it with ``strict=True``, eval mode."""
+    state, info = read_backbone(path)
+    module = build_from_info(info)
+    load_strict(module, state, f"{path} does not fit {info.backbone}")
+    return module.to(device).eval()
+
+
+def _backbone_prefix(cfg: Config) -> str:
+    """Key prefix of ``method.backbone`` inside the method's state dict (``encoder_q.backbone.`` for MoCo).
+
+    The method is built (placeholder data sizes; on the meta device when it allows) to find the module by
+    identity, so no data set is needed.
+    """
+    from selfsup.methods import DataInfo, build_method
+
+    data = DataInfo(num_samples=1 << 16, num_classes=1000)
+    try:
+        with torch.device("meta"):
+            method = build_method(cfg, data)
+    except (RuntimeError, NotImplementedError):  # a method whose construction needs real tensor values
+        method = build_method(cfg, data)
+    backbone = method.backbone
+    name = next(n for n, m in method.named_modules() if m is backbone)
+    return f"{name}." if name else ""
+
+
+def export_run(checkpoint: str | Path, out: str | Path) -> tuple[Path, BackboneInfo]:
+    """Write the backbone of a selfsup run (a run folder or its checkpoint) to ``out``."""
+    out = Path(out)
+    _check_suffix(out)
+    path = resolve_checkpoint(checkpoint)
+    state = load_checkpoint(path)
+    if "config" not in state or "method" not in state:
+        raise CheckpointError(f"{path} has no 'config'/'method' entries: not a selfsup run checkpoint "
+                              "(for a seed's published checkpoint use `selfsup import`)")
+    cfg = config_from_dict(state["config"])
+    prefix = _backbone_prefix(cfg)
+    tensors = {k[len(prefix):]: v for k, v in state["method"].items() if k.startswith(prefix)}
+    module, feature_dim = build_backbone(cfg.model)
+    load_strict(module, tensors, f"{path}: the backbone under {prefix!r}")  # complete and consistent
+    info = BackboneInfo.from_model_config(cfg.model, feature_dim,
+                                          f"{path} (epoch {state.get('epoch')}, step {state.get('step')})")
+    return save_backbone(tensors, out, info), info
