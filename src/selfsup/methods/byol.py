@@ -48,11 +48,14 @@ class OnlineTarget(Method):
     def __init__(self, cfg: MethodConfig, full: Config, data: DataInfo):
         super().__init__(cfg, full, data)
         backbone, width = new_backbone(full)
-        projector = byol_projector(width)
-        self.embedding_dim = width // 4
+        projector, predictor, self.embedding_dim = self.heads(width)
         self.encoder_q = Encoder(backbone, projector)
         self.encoder_k = make_teacher(self.encoder_q)
-        self.predictor = byol_predictor(self.embedding_dim, 2 * width)
+        self.predictor = predictor
+
+    def heads(self, width: int) -> tuple[nn.Module, nn.Module, int]:
+        """(projector, predictor, embedding width) on a ``width``-d backbone; BYOL's d → 2d → d/4 by default."""
+        return byol_projector(width), byol_predictor(width // 4, 2 * width), width // 4
 
     @property
     def backbone(self) -> nn.Module:

@@ -67,6 +67,14 @@ class MemoryBank(nn.Module):
         return self.bank.detach().clone()
 
     @torch.no_grad()
+    def purity(self, indices: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Mean fraction of the rows ``indices`` (B × k) whose stored label equals ``labels`` (B): a monitor
+        of neighbour quality (ISD, MSF). Rows never written hold label −1 and never match."""
+        if not self.store_labels:
+            raise ValueError("purity needs a memory bank built with store_labels=True")
+        return (self.labels[indices] == labels.to(self.labels.device).unsqueeze(1)).float().mean()
+
+    @torch.no_grad()
     def topk(self, query: torch.Tensor, k: int, *, chunk_size: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
         """Similarities and indices of the ``k`` rows with largest dot product for each query row.
 
