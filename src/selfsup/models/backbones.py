@@ -118,3 +118,69 @@ def _resnet_mini(cfg: ModelConfig) -> tuple[nn.Module, int]:
 def _resnet_mini_wide(cfg: ModelConfig) -> tuple[nn.Module, int]:
     net = ResNetMini((32, 64, 128), blocks=1, small_stem=cfg.small_stem)
     return net, net.feature_dim
+
+
+# ---------------------------------------------------------------------------------------------
+# SeLa / DeepCluster AlexNet with BatchNorm (yukimasano/self-label models/alexnet.py)
+
+# (filters, kernel, stride, padding) per conv, "M" = MaxPool(3, 2)
+SELA_ALEXNET = {
+    "big": [(96, 11, 4, 2), "M", (256, 5, 1, 2), "M", (384, 3, 1, 1), (384, 3, 1, 1), (256, 3, 1, 1), "M"],
+    "small": [(64, 11, 4, 2), "M", (192, 5, 1, 2), "M", (384, 3, 1, 1), (256, 3, 1, 1), (256, 3, 1, 1), "M"],
+}
+
+
+class SeLaAlexNet(nn.Module):
+    """Conv(-BN-ReLU) features, 6x6 pooling, then Dropout-Linear(9216, 4096)-ReLU-Dropout-Linear(4096, 4096)-ReLU:
+    the output is the 4096-d fc7 activation that SeLa's heads read (and that its CIFAR kNN monitor uses).
+
+    ``AdaptiveAvgPool2d(6)`` is the identity at 224 px (the map is already 6x6) and lets other sizes through;
+    ``small_stem`` makes conv1 3x3 stride 1, so the three max-pools leave 32-px images a 3x3 map.
+    Init as the seed: conv N(0, √(2/(k²·C_out))), zero bias; BN 1/0; linear N(0, 0.01), zero bias.
+    """
+
+    def __init__(self, size: str = "big", small_stem: bool = False):
+        super().__init__()
+        layers: list[nn.Module] = []
+        in_channels = 3
+        for i, spec in enumerate(SELA_ALEXNET[size]):
+            if spec == "M":
+                layers.append(nn.MaxPool2d(kernel_size=3, stride=2))
+                continue
+            out_channels, kernel, stride, padding = spec
+            if i == 0 and small_stem:
+                kernel, stride, padding = 3, 1, 1
+            layers += [nn.Conv2d(in_channels, out_channels, kernel, stride, padding), nn.BatchNorm2d(out_channels),
+                       nn.ReLU(inplace=True)]
+            in_channels = out_channels
+        self.features = nn.Sequential(*layers)
+        self.avgpool = nn.AdaptiveAvgPool2d((6, 6))
+        self.classifier = nn.Sequential(nn.Dropout(0.5), nn.Linear(in_channels * 36, 4096), nn.ReLU(inplace=True),
+                                        nn.Dropout(0.5), nn.Linear(4096, 4096), nn.ReLU(inplace=True))
+        self.feature_dim = 4096
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
+                nn.init.normal_(m.weight, 0.0, (2.0 / fan_out) ** 0.5)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, 0.0, 0.01)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
+
+
+@register_backbone("sela_alexnet")
+def _sela_alexnet(cfg: ModelConfig) -> tuple[nn.Module, int]:
+    net = SeLaAlexNet("big", small_stem=cfg.small_stem)
+    return net, net.feature_dim
+
+
+@register_backbone("sela_alexnet_small")
+def _sela_alexnet_small(cfg: ModelConfig) -> tuple[nn.Module, int]:
+    net = SeLaAlexNet("small", small_stem=cfg.small_stem)
+    return net, net.feature_dim

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 from torch import nn
 
 
@@ -37,3 +38,29 @@ def byol_projector(feature_dim: int) -> nn.Sequential:
 def byol_predictor(dim: int, hidden: int) -> nn.Sequential:
     """UMBC predictor: dim -> hidden (BN, ReLU) -> dim."""
     return mlp([dim, hidden, dim])
+
+
+class MultiHead(nn.Module):
+    """SeLa's classifier heads: one Linear(in_features, k) per entry of ``num_classes`` on shared features
+    (``num_classes=[K] * hc``); ``forward`` returns the list of logits, head 0 first.
+
+    Initialised as the seed's linear layers, N(0, ``init_std``) weights and zero biases.
+    """
+
+    def __init__(self, in_features: int, num_classes: Sequence[int], init_std: float = 0.01):
+        super().__init__()
+        if not num_classes:
+            raise ValueError("MultiHead needs at least one head")
+        self.heads = nn.ModuleList(nn.Linear(in_features, k) for k in num_classes)
+        for head in self.heads:
+            nn.init.normal_(head.weight, 0.0, init_std)
+            nn.init.zeros_(head.bias)
+
+    def __len__(self) -> int:
+        return len(self.heads)
+
+    def __getitem__(self, index: int) -> nn.Linear:
+        return self.heads[index]
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return [head(x) for head in self.heads]

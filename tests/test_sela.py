@@ -1,0 +1,226 @@
+"""SeLa: Sinkhorn-Knopp on hand-made problems, the label-update schedule, the multi-head loss, resume of
+the label table and schedule, label export, and the torchvision export of a ResNet head."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from scipy.optimize import linear_sum_assignment
+
+from conftest import tiny_config
+from selfsup.engine.trainer import Trainer
+from selfsup.methods import DataInfo, build_method
+from selfsup.methods.sela import (
+    balanced_random_labels,
+    export_labels,
+    export_torchvision,
+    relabel_iterations,
+    relabel_times,
+    sela_loss,
+    shard_size,
+)
+from selfsup.nn.sinkhorn import hard_labels, power_softmax, sinkhorn_knopp, sinkhorn_labels, transport_plan
+
+
+def _biased_logits(n: int = 3000, k: int = 30, seed: int = 0) -> torch.Tensor:
+    """Random logits that favour cluster 0: a naive argmax puts far more than N/K images there."""
+    generator = torch.Generator().manual_seed(seed)
+    logits = torch.randn(n, k, generator=generator, dtype=torch.float64)
+    logits[:, 0] += 2.0
+    return logits
+
+
+def test_sinkhorn_marginals_hold():
+    logits = _biased_logits()
+    n, k = logits.shape
+    p = power_softmax(logits, 25.0)
+    result = sinkhorn_knopp(p, tol=1e-3)
+    q = transport_plan(p, result) * n
+    assert torch.allclose(q.sum(dim=1), torch.ones(n, dtype=torch.float64), atol=1e-12)  # each image: mass 1
+    assert torch.allclose(q.sum(dim=0), torch.full((k,), n / k, dtype=torch.float64), rtol=1e-3)  # clusters: N/K
+    assert result.error <= 1e-3 and result.iterations % 10 == 1  # checks at iterations 1, 11, 21, ...
+
+
+def test_labels_are_balanced_where_argmax_is_not():
+    logits = _biased_logits()
+    naive = torch.bincount(logits.argmax(dim=1), minlength=30)
+    assert naive.max() > 500 and naive.min() < 60
+    labels, result = sinkhorn_labels(logits, 25.0)  # the seed's defaults: float64, tol 0.1
+    counts = torch.bincount(labels, minlength=30)
+    assert counts.min() >= 97 and counts.max() <= 104, counts
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_large_lambda_gives_the_exact_equipartition(seed):
+    generator = torch.Generator().manual_seed(seed)
+    n, k = 12, 3
+    logits = torch.randn(n, k, generator=generator, dtype=torch.float64)
+    cost = -torch.log_softmax(logits, dim=1).numpy()  # −log P
+    rows, cols = linear_sum_assignment(np.repeat(cost, n // k, axis=1))  # each cluster replicated N/K times
+    exact = torch.as_tensor(cols[np.argsort(rows)] // (n // k))
+    labels, _ = sinkhorn_labels(logits, 300.0, tol=1e-3)
+    assert torch.equal(labels, exact)
+    assert torch.equal(torch.bincount(labels), torch.full((k,), n // k))
+
+
+def test_per_sample_constant_changes_nothing():
+    logits = _biased_logits(600, 12)
+    shift = 50.0 * torch.randn(600, 1, dtype=torch.float64)
+    a, result_a = sinkhorn_labels(logits, 25.0)
+    b, result_b = sinkhorn_labels(logits + shift, 25.0)
+    assert torch.equal(a, b)
+    assert result_a.iterations == result_b.iterations
+    assert torch.allclose(result_a.r, result_b.r)
+
+
+def test_float32_agrees_with_float64_on_an_easy_case():
+    logits = _biased_logits(900, 9).float()
+    f64, _ = sinkhorn_labels(logits, 10.0, dtype="f64")
+    f32, result = sinkhorn_labels(logits, 10.0, dtype="f32")
+    assert result.r.dtype == torch.float32
+    assert (f64 == f32).float().mean() > 0.99
+
+
+def test_chunked_equals_unchunked():
+    x = torch.randn(257, 16, dtype=torch.float64)
+    weight, bias = torch.randn(10, 16), torch.randn(10)
+    whole = power_softmax(x, 25.0, weight=weight, bias=bias, chunk_size=10_000)
+    chunked = power_softmax(x, 25.0, weight=weight, bias=bias, chunk_size=7)
+    assert torch.allclose(whole, chunked, rtol=1e-12, atol=1e-300)
+    reference = torch.softmax(25.0 * (x @ weight.double().T + bias.double()), dim=1)
+    assert torch.allclose(whole, reference, rtol=1e-10)
+    result = sinkhorn_knopp(whole)
+    assert torch.equal(hard_labels(whole, result.r, chunk_size=7), hard_labels(whole, result.r, chunk_size=1000))
+
+
+def test_schedule_matches_the_seed():
+    n = 1_281_167
+    times = relabel_times(400, n, 100)
+    assert len(times) == 100 and times[0] == 0
+    assert np.round(times[:4] / n, 3).tolist() == [0.0, 0.041, 0.164, 0.368]
+    within = times[times < 400 * n]
+    assert len(within) == 99  # t_99 = 401.01 N lies past the end of training
+    assert within[-1] / n == pytest.approx(392.9, abs=0.05) and within[-2] / n == pytest.approx(385.0, abs=0.05)
+    # at most one update per iteration: early t_j that share an iteration are spread over the next ones
+    small = relabel_times(2, 1000, 20)
+    iterations = relabel_iterations(small, 250, 12)
+    assert iterations[0] == 0 and all(b > a for a, b in zip(iterations, iterations[1:], strict=False))
+    assert sum(1 for t in small if t <= 250) > 2 and iterations[:3] == [0, 1, 2]
+    linear = relabel_times(400, 100, 401, "linear")
+    assert np.diff(linear).std() < 1e-9 and linear[1] == pytest.approx(401.0001 / 400 * 100)
+
+
+def test_loss_is_cross_entropy_averaged_over_heads():
+    z0 = torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    z1 = torch.tensor([[0.0, 0.0, 3.0], [1.0, 1.0, 1.0]])
+    targets = torch.tensor([[0, 2], [2, 1]])
+    e = torch.e
+    ce0 = (-np.log(e**2 / (e**2 + 2)) - np.log(1 / (e + 2))) / 2
+    ce1 = (-np.log(e**3 / (e**3 + 2)) - np.log(1 / 3)) / 2
+    assert sela_loss([z0, z1], targets).item() == pytest.approx((ce0 + ce1) / 2, rel=1e-6)
+    assert sela_loss([z0, z1], targets).item() == pytest.approx(
+        (F.cross_entropy(z0, targets[0]) + F.cross_entropy(z1, targets[1])).item() / 2, rel=1e-6)
+
+
+def test_initial_labels_are_balanced_and_differ_per_head():
+    labels = balanced_random_labels(3, 100, 7, torch.Generator().manual_seed(0))
+    for head in labels:
+        assert torch.bincount(head, minlength=7).tolist() == [15, 15] + [14] * 5
+    assert not torch.equal(labels[0], labels[1])
+
+
+def test_shard_sizes_match_the_sampler():
+    from selfsup.data.loader import EpochSampler
+
+    for n, per_rank, world in [(100, 8, 2), (37, 4, 3), (256, 16, 2), (5, 4, 2)]:
+        for rank in range(world):
+            sampler = EpochSampler(n, per_rank, seed=0, rank=rank, world_size=world, drop_last=False)
+            assert shard_size(n, per_rank, rank, world) == len(list(sampler))
+
+
+SELA = ["data.subset=128", "method.ncl=8", "method.hc=2", "method.nopts=4", "method.tol=0.01"]
+
+
+def test_resume_restores_labels_and_schedule_position(tmp_path):
+    # 128 images, batch 32: 4 steps per epoch, 8 in all; t_j = 3.01·128·(j/3)² → updates before steps 0, 2, 6
+    straight = Trainer(tiny_config(tmp_path / "a", *SELA, method="sela"))
+    straight.fit()
+    assert (straight.method.iteration, straight.method.relabels) == (8, 3)
+
+    first = Trainer(tiny_config(tmp_path / "b", *SELA, "train.max_steps=3", method="sela"))
+    first.fit()
+    assert (first.method.iteration, first.method.relabels) == (3, 2)
+    assert first.method.next_relabel_sample == pytest.approx(3.01 * 128 * 4 / 9)
+    labels_at_stop = first.method.labels.clone()
+    resumed = Trainer(tiny_config(tmp_path / "b", *SELA, "train.resume=auto", method="sela"))
+    assert (resumed.method.iteration, resumed.method.relabels) == (3, 2)
+    assert resumed.method.next_relabel_sample == first.method.next_relabel_sample
+    assert torch.equal(resumed.method.labels, labels_at_stop)
+    resumed.fit()
+    assert (resumed.method.iteration, resumed.method.relabels) == (8, 3)
+    a, b = straight.method.state_dict(), resumed.method.state_dict()
+    for key in a:
+        if isinstance(a[key], torch.Tensor):
+            assert torch.equal(a[key], b[key]), key
+    assert a["_extra_state"] == b["_extra_state"]
+    # every cluster is used (an untrained net's P^λ is nearly uniform, so hard labels are only roughly
+    # balanced), and head 0 is monitored against the digit classes
+    for head in straight.method.labels:
+        assert torch.bincount(head, minlength=8).min() > 0
+    assert set(straight.method.scores) == {"nmi", "nmi_geometric", "ami", "ari", "acc"}
+
+    # pseudo-label export: CSV and JSON, dataset index → label per head
+    out = export_labels(tmp_path / "a" / "run", tmp_path / "labels.csv")
+    rows = list(csv.reader(out.open()))
+    assert rows[0] == ["index", "image", "head0", "head1"] and len(rows) == 129
+    assert rows[5] == ["4", "digits/train[4]", *map(str, straight.method.labels[:, 4].tolist())]
+    payload = json.loads(export_labels(tmp_path / "a" / "run", tmp_path / "labels.json").read_text())
+    assert payload["num_heads"] == 2 and payload["num_clusters"] == 8
+    assert payload["samples"][7]["labels"] == straight.method.labels[:, 7].tolist()
+
+
+def test_one_head_per_update_and_clean_aggregation(tmp_path):
+    cfg = tiny_config(tmp_path, *SELA, "method.relabel_heads=one", "method.aggregate=eval", method="sela")
+    trainer = Trainer(cfg)
+    method = trainer.method
+    before = method.labels.clone()
+    method.on_epoch_start(0, trainer.loader)  # the update before the first step: head 0 % 2
+    assert method.relabels == 1
+    assert not torch.equal(method.labels[0], before[0]) and torch.equal(method.labels[1], before[1])
+    method.iteration = 5  # in epoch 1 (4 steps per epoch): head 1
+    method.relabel()
+    assert not torch.equal(method.labels[1], before[1])
+    # eval aggregation is deterministic: the features do not depend on the update number or BN batches
+    first, index_a = method.aggregate()
+    method.relabels += 1
+    second, index_b = method.aggregate()
+    assert torch.equal(index_a, torch.arange(128)) and torch.equal(first, second)
+
+
+def test_exported_torchvision_resnet_gives_head_zero_logits(tmp_path):
+    import torchvision
+
+    cfg = tiny_config(tmp_path, "model.backbone=resnet50", "model.small_stem=false", "method.ncl=10",
+                      "method.hc=2", method="sela")
+    torch.manual_seed(0)
+    method = build_method(cfg, DataInfo(64, 10)).eval()
+    state, labels = export_torchvision(method, head=0)
+    model = torchvision.models.resnet50(num_classes=10)
+    model.load_state_dict(state, strict=True)
+    model.eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(model(x), method.heads(method.backbone(x))[0], atol=1e-6)
+    assert torch.equal(labels, method.labels[0])
+
+
+def test_two_ranks_shard_sinkhorn_and_share_the_label_table(tmp_path):
+    from test_distributed import HERE, torchrun
+
+    result = torchrun(str(HERE / "sela_dist_worker.py"), str(tmp_path), cwd=tmp_path)
+    assert "rank 0: ok" in result.stdout and "rank 1: ok" in result.stdout
