@@ -1,4 +1,4 @@
-"""Command line: ``selfsup train | eval | recipes``. Thin: parse, load the config, call the library."""
+"""Command line: ``selfsup train | eval | export | import | recipes``. Thin: parse, load config, call the library."""
 
 from __future__ import annotations
 
@@ -71,6 +71,39 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from selfsup.export import export_run
+
+    path, info = export_run(args.checkpoint, args.output)
+    print(f"wrote {path}: {info.backbone} backbone (feature_dim {info.feature_dim}); rebuild: {info.rebuild_hint()}")
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from selfsup.imports import import_checkpoint
+
+    path, info, imported = import_checkpoint(args.source, args.output, args.layout, args.encoder)
+    print(f"wrote {path}: {info.backbone} backbone from the {imported.layout} layout ({imported.source}; "
+          f"{len(imported.state)} tensors taken, {imported.left_out} left out); rebuild: {info.rebuild_hint()}")
+    return 0
+
+
+def cmd_attention(args: argparse.Namespace) -> int:
+    from selfsup.eval.attention import export_attention
+
+    paths = export_attention(args.checkpoint, args.out_dir, args.images, split=args.split, overrides=args.words,
+                             device=args.device)
+    print(f"wrote {len(paths)} attention maps to {args.out_dir}")
+    return 0
+
+
+def cmd_labels(args: argparse.Namespace) -> int:
+    from selfsup.methods.sela import export_labels
+
+    print(export_labels(args.checkpoint, args.out))
+    return 0
+
+
 def cmd_recipes(args: argparse.Namespace) -> int:
     for path in sorted(RECIPES.glob("*.yaml")):
         first = path.read_text().splitlines()[0].lstrip("# ").strip()
@@ -91,11 +124,34 @@ def parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="evaluate the backbone of a run or checkpoint")
     e.add_argument("checkpoint", metavar="RUN_OR_CHECKPOINT")
     e.add_argument("words", nargs="*", metavar="key=value", help="overrides, e.g. data.path=... eval.knn_k=200")
-    e.add_argument("--protocol", default="knn,nn", help="comma-separated: knn, nn, cluster, align (default knn,nn)")
+    e.add_argument("--protocol", default="knn,nn",
+                   help="comma-separated: knn, nn, cluster, align, linear (default knn,nn)")
     e.add_argument("--random-init", action="store_true", help="also score the same backbone at initialisation")
     e.add_argument("--device", default=None, help="cpu | cuda (default: the run's train.device)")
     e.add_argument("--json", action="store_true", help="also print the scores as JSON")
     e.set_defaults(func=cmd_eval)
+    x = sub.add_parser("export", help="write a run's backbone alone (plain torchvision/timm keys)")
+    x.add_argument("checkpoint", metavar="RUN_OR_CHECKPOINT")
+    x.add_argument("output", metavar="OUT", help="backbone.safetensors or backbone.pt")
+    x.set_defaults(func=cmd_export)
+    i = sub.add_parser("import", help="convert a seed's published checkpoint into a backbone file")
+    i.add_argument("source", metavar="SRC", help="e.g. moco_v2_200ep_pretrain.pth.tar, resnet50-10x3k_pp.pth")
+    i.add_argument("output", metavar="OUT", help="backbone.safetensors or backbone.pt")
+    i.add_argument("--layout", default="auto", help="auto | moco | umbc | sela | mugs | torchvision (default auto)")
+    i.add_argument("--encoder", default=None, help="online | target (default: the one the seed evaluates)")
+    i.set_defaults(func=cmd_import)
+    a = sub.add_parser("attention", help="PNG maps of a ViT run's last-layer CLS self-attention, one per head")
+    a.add_argument("checkpoint", metavar="RUN_OR_CHECKPOINT")
+    a.add_argument("out_dir", metavar="OUT_DIR")
+    a.add_argument("words", nargs="*", metavar="key=value", help="overrides, e.g. data.path=...")
+    a.add_argument("--images", type=int, default=8, help="how many images of the split (default 8)")
+    a.add_argument("--split", default=None, help="data split (default: data.val_split)")
+    a.add_argument("--device", default=None, help="cpu | cuda (default: the run's train.device)")
+    a.set_defaults(func=cmd_attention)
+    lab = sub.add_parser("labels", help="write a SeLa run's pseudo-labels (index, image, label per head)")
+    lab.add_argument("checkpoint", metavar="RUN_OR_CHECKPOINT")
+    lab.add_argument("out", metavar="OUT", help="a .csv file, or JSON for any other name")
+    lab.set_defaults(func=cmd_labels)
     r = sub.add_parser("recipes", help="list the packaged recipes")
     r.set_defaults(func=cmd_recipes)
     return p

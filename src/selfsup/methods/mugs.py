@@ -1,0 +1,366 @@
+"""Mugs (Zhou et al. 2022): a ViT learns instance, local-group and group discrimination at once.
+
+Per image the teacher sees two weak global crops (u = 0, 1); the student two global crops, both weak or
+both strong, and L local crops (v = 0 … L+1). Three losses, each over the pairs (u, v) with v ≠ u:
+
+1. **instance** — InfoNCE of the student's predicted CLS embedding s_v against the teacher's t_u, with a
+   queue of past teacher embeddings as negatives (τ 0.2): −log e^{s·t/τ} / (e^{s·t/τ} + Σ_k e^{s·Q_k/τ});
+2. **local-group** — the same on the local-group token: the mean a of all tokens after the last block
+   (before the final LayerNorm) retrieves its top-n neighbours from a memory of mean patch tokens (no
+   gradient), one extra "relation" block runs on [a, neighbours], g = LN_final(out[0]); own heads and queue;
+3. **group** — DINO: CE(softmax((t_u − C)/τ_t), softmax(s_v/τ_s)) on prototype logits; C ← 0.9 C + 0.1 mean.
+
+Each loss is the mean over its active parts {global pairs (2), local pairs (2L)} — 0.5/0.5 as the
+official code when L ≥ 1, the global mean alone when L = 0 (the official code divides by zero). The
+total is Σ active losses / Σ their weights (``loss_weights`` only switch losses on or off). After the
+losses the queues receive both teacher targets and the memories the first global crop's mean patch token
+(student: only images whose student globals were weak). The teacher is an EMA (cosine 0.996 → 1 per
+step) of the backbone, the relation block, each head's projector and the group head's last layer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from timm.models.vision_transformer import Block
+from torch import nn
+
+from selfsup.config import Config, ConfigError, DataConfig, MethodConfig, register_method_config
+from selfsup.data.multicrop import MugsViews, MultiCrop
+from selfsup.methods.base import DataInfo, Method, StepOutput, new_backbone, register_method
+from selfsup.methods.moco import moco_loss
+from selfsup.models.vit import ViT, set_drop_path
+from selfsup.nn import distributed
+from selfsup.nn.ema import cosine_momentum, ema_update, make_teacher
+from selfsup.nn.memory import MemoryBank
+from selfsup.nn.mugs_parts import ContrastiveHead, GroupHead, LocalGroupMemory
+
+
+@register_method_config
+@dataclass
+class MugsConfig(MethodConfig):
+    name: str = "mugs"
+    loss_weights: tuple[float, float, float] = (1.0, 1.0, 1.0)  # instance, local-group, group: > 0 switches on
+    # views (global crop side = data.image_size)
+    local_crops_number: int = 10
+    local_crop_size: int = 96
+    global_crops_scale: tuple[float, float] = (0.25, 1.0)
+    local_crops_scale: tuple[float, float] = (0.05, 0.25)
+    strong_prob: float = 0.5  # P(strong) of the student's globals (per image) and of each local crop
+    randaugment: str = "rand-m9-mstd0.5-inc1"
+    strong_ratio: float = 0.45  # RandAugment translation = this × crop size
+    random_erasing: float = 0.25
+    # heads
+    use_bn_in_head: bool = False  # BatchNorm in the three projectors (official flag; SyncBN across GPUs)
+    head_hidden_dim: int = 2048
+    predictor_hidden_dim: int = 4096
+    norm_before_pred: bool = True
+    instance_out_dim: int = 256
+    local_group_out_dim: int = 256
+    group_out_dim: int = 65536
+    group_bottleneck_dim: int = 256
+    norm_last_layer: bool = True  # freeze the weight-norm g of the prototypes (official default; ViT-S/B: false)
+    # instance and local-group InfoNCE
+    instance_queue_size: int = 65536
+    instance_temp: float = 0.2
+    local_group_queue_size: int = 65536
+    local_group_temp: float = 0.2
+    memory_size: int = 65536  # local-group memory rows (the official code uses local_group_queue_size)
+    local_group_top_n: int = 8
+    legacy_ptr_bug: bool = False  # the official memory pointer: +2B per write that does not wrap
+    # group (DINO) loss
+    group_student_temp: float = 0.1
+    group_warmup_teacher_temp: float = 0.04
+    group_teacher_temp: float = 0.04
+    group_warmup_teacher_temp_epochs: int = 0
+    center_momentum: float = 0.9
+    # teacher and optimisation
+    momentum_teacher: float = 0.996  # cosine to 1 over training, per step
+    clip_grad: float = 3.0  # per-parameter gradient-norm clip (0: off)
+    clip_grad_drop_epoch: int | None = None  # clip / 10 for epochs > this (official ViT-L: 100)
+    freeze_last_layer: int = 1  # epochs without updates of the prototypes
+    patch_embed_lr_mult: float = 0.2
+
+
+# ------------------------------------------------------------------------------------------------ losses
+
+Pair = tuple[int, int]
+
+
+def crop_pairs(num_student: int, num_teacher: int = 2) -> tuple[list[Pair], list[Pair]]:
+    """(teacher u, student v) pairs with v ≠ u, split into global (v < 2) and local (v ≥ 2) student crops."""
+    pairs = [(u, v) for u in range(num_teacher) for v in range(num_student) if v != u]
+    return [p for p in pairs if p[1] < 2], [p for p in pairs if p[1] >= 2]
+
+
+def multicrop_mean(pair_loss: Callable[[int, int], torch.Tensor], num_student: int) -> torch.Tensor:
+    """Mean over the active parts of {mean of the global pairs, mean of the local pairs}: 0.5/0.5 with locals."""
+    parts = [torch.stack([pair_loss(u, v) for u, v in pairs]).mean()
+             for pairs in crop_pairs(num_student) if pairs]
+    return sum(parts) / len(parts)
+
+
+def info_nce_loss(student: list[torch.Tensor], teacher: list[torch.Tensor], queue: torch.Tensor,
+                  temperature: float) -> torch.Tensor:
+    """Mugs InfoNCE over crop pairs; each pair is MoCo's CE([s·t, s·Qᵀ]/τ, 0). Inputs unit-norm."""
+    return multicrop_mean(lambda u, v: moco_loss(student[v], teacher[u], queue, temperature), len(student))
+
+
+def group_loss(student: list[torch.Tensor], teacher: list[torch.Tensor], center: torch.Tensor,
+               teacher_temp: float, student_temp: float) -> torch.Tensor:
+    """DINO cross-entropy over crop pairs: −Σ_k softmax((t_u − C)/τ_t)_k · log softmax(s_v/τ_s)_k, batch mean."""
+    targets = [F.softmax((t - center) / teacher_temp, dim=-1) for t in teacher]
+    log_probs = [F.log_softmax(s / student_temp, dim=-1) for s in student]
+    return multicrop_mean(lambda u, v: -(targets[u] * log_probs[v]).sum(dim=-1).mean(), len(student))
+
+
+def teacher_temperatures(warmup_temp: float, temp: float, warmup_epochs: int, epochs: int) -> np.ndarray:
+    """τ_t per epoch: np.linspace(warmup, final, W) for the first W epochs, then the final value."""
+    return np.concatenate([np.linspace(warmup_temp, temp, warmup_epochs),
+                           np.full(max(epochs - warmup_epochs, 1), temp)])
+
+
+@torch.no_grad()
+def clip_per_parameter(parameters: list[nn.Parameter], max_norm: float) -> None:
+    """Scale each parameter's gradient to norm ≤ ``max_norm`` on its own (official ``clip_gradients``)."""
+    for p in parameters:
+        if p.grad is not None:
+            p.grad.mul_((max_norm / (p.grad.norm() + 1e-6)).clamp(max=1.0))
+
+
+# ------------------------------------------------------------------------------------------------ networks
+
+
+class MugsOutput(NamedTuple):
+    features: torch.Tensor  # (V·B, D) CLS tokens after the final LayerNorm
+    instance: torch.Tensor | None  # (V·B, d) unit-norm; crop-major
+    local_group: torch.Tensor | None  # (V·B, d) unit-norm
+    group: torch.Tensor | None  # (V·B, K) prototype logits
+    memory_tokens: torch.Tensor | None  # (2B, D) mean final-LN'd patch tokens of the global crops
+
+
+def by_resolution(crops: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Concatenate consecutive crops of the same size: one backbone forward per resolution."""
+    groups: list[list[torch.Tensor]] = []
+    for crop in crops:
+        if groups and groups[-1][0].shape[-2:] == crop.shape[-2:]:
+            groups[-1].append(crop)
+        else:
+            groups.append([crop])
+    return [torch.cat(group) for group in groups]
+
+
+class MugsNetwork(nn.Module):
+    """One side (student or teacher): ViT + relation block + instance, local-group and group heads."""
+
+    def __init__(self, vit: ViT, cfg: MugsConfig):
+        super().__init__()
+        dim = vit.embed_dim
+        on = [w > 0 for w in cfg.loss_weights]
+        self.vit = vit
+        self.relation: Block | None = None
+        self.instance_head: ContrastiveHead | None = None
+        self.local_group_head: ContrastiveHead | None = None
+        self.group_head: GroupHead | None = None
+        head = partial(ContrastiveHead, dim, cfg.head_hidden_dim, predictor_hidden_dim=cfg.predictor_hidden_dim,
+                       norm_before_pred=cfg.norm_before_pred, batch_norm=cfg.use_bn_in_head)
+        if on[0]:
+            self.instance_head = head(cfg.instance_out_dim)
+        if on[1]:
+            self.relation = Block(dim, vit.blocks[0].attn.num_heads, mlp_ratio=4.0, qkv_bias=True,
+                                  norm_layer=partial(nn.LayerNorm, eps=1e-6))
+            for m in self.relation.modules():
+                if isinstance(m, nn.Linear):
+                    nn.init.trunc_normal_(m.weight, std=0.02)
+                    nn.init.zeros_(m.bias)
+            self.local_group_head = head(cfg.local_group_out_dim)
+        if on[2]:
+            self.group_head = GroupHead(dim, cfg.head_hidden_dim, cfg.group_bottleneck_dim, cfg.group_out_dim,
+                                        cfg.norm_last_layer, batch_norm=cfg.use_bn_in_head)
+
+    def local_group_token(self, tokens: torch.Tensor, memory: LocalGroupMemory) -> torch.Tensor:
+        """g = LN_final(relation([a, top-n neighbours of a])[0]), a = mean of all tokens before the final LN."""
+        a = tokens.mean(dim=1)
+        neighbours = memory.neighbours(a).to(a.dtype)
+        return self.vit.norm(self.relation(torch.cat([a.unsqueeze(1), neighbours], dim=1))[:, 0])
+
+    def forward(self, crops: list[torch.Tensor], memory: LocalGroupMemory | None) -> MugsOutput:
+        cls, local_group, memory_tokens = [], [], None
+        for batch in by_resolution(crops):
+            tokens = self.vit.forward_tokens(batch)
+            normed = self.vit.norm(tokens)
+            cls.append(normed[:, 0])
+            if self.relation is not None and memory is not None:
+                local_group.append(self.local_group_token(tokens, memory))
+                if memory_tokens is None:  # the first resolution: the global crops
+                    memory_tokens = normed[:, self.vit.num_prefix_tokens:].mean(dim=1).detach()
+        features = torch.cat(cls)
+        return MugsOutput(
+            features=features,
+            instance=self.instance_head(features) if self.instance_head is not None else None,
+            local_group=self.local_group_head(torch.cat(local_group)) if self.local_group_head is not None else None,
+            group=self.group_head(features) if self.group_head is not None else None,
+            memory_tokens=memory_tokens,
+        )
+
+    def ema_pairs(self, student: MugsNetwork) -> list[tuple[nn.Module, nn.Module]]:
+        """(teacher part, student part) pairs the EMA moves: no predictors."""
+        pairs: list[tuple[nn.Module, nn.Module]] = [(self.vit, student.vit)]
+        if self.relation is not None and student.relation is not None:
+            pairs.append((self.relation, student.relation))
+        for name in ("instance_head", "local_group_head"):
+            mine, theirs = getattr(self, name), getattr(student, name)
+            if mine is not None:
+                pairs.append((mine.projector, theirs.projector))
+        if self.group_head is not None and student.group_head is not None:
+            pairs.append((self.group_head, student.group_head))
+        return pairs
+
+
+# ------------------------------------------------------------------------------------------------ method
+
+
+@register_method("mugs")
+class Mugs(Method):
+    cfg: MugsConfig
+    center: torch.Tensor
+
+    def __init__(self, cfg: MugsConfig, full: Config, data: DataInfo):
+        super().__init__(cfg, full, data)
+        if len(cfg.loss_weights) != 3 or not any(w > 0 for w in cfg.loss_weights):
+            raise ConfigError(f"method.loss_weights needs three weights, one of them > 0; got {cfg.loss_weights}")
+        vit, dim = new_backbone(full)
+        if not isinstance(vit, ViT):
+            raise ConfigError(f"Mugs needs a ViT backbone (model.backbone=vit_tiny|vit_small|vit_base|vit_large), "
+                              f"got {full.model.backbone!r}")
+        on = [w > 0 for w in cfg.loss_weights]
+        self.student = MugsNetwork(vit, cfg)
+        if cfg.use_bn_in_head and distributed.world_size() > 1:
+            self.student = nn.SyncBatchNorm.convert_sync_batchnorm(self.student)
+        self.teacher = make_teacher(self.student)
+        for head in (self.teacher.instance_head, self.teacher.local_group_head):
+            if head is not None:
+                head.predictor = None  # the teacher outputs n(projection)
+        set_drop_path(self.teacher, 0.0)
+        self.instance_queue = MemoryBank(cfg.instance_queue_size, cfg.instance_out_dim) if on[0] else None
+        self.local_group_queue = MemoryBank(cfg.local_group_queue_size, cfg.local_group_out_dim) if on[1] else None
+        self.student_memory, self.teacher_memory = None, None
+        if on[1]:
+            self.student_memory = LocalGroupMemory(cfg.memory_size, dim, cfg.local_group_top_n,
+                                                   legacy_ptr_bug=cfg.legacy_ptr_bug)
+            self.teacher_memory = LocalGroupMemory(cfg.memory_size, dim, cfg.local_group_top_n,
+                                                   legacy_ptr_bug=cfg.legacy_ptr_bug)
+        self.register_buffer("center", torch.zeros(1, cfg.group_out_dim if on[2] else 0))
+        self.teacher_temps = teacher_temperatures(cfg.group_warmup_teacher_temp, cfg.group_teacher_temp,
+                                                  cfg.group_warmup_teacher_temp_epochs, full.train.epochs)
+        self.epoch = 0
+        self.views = ("2 weak teacher globals", "2 weak|strong student globals", f"{cfg.local_crops_number} locals")
+
+    @property
+    def backbone(self) -> nn.Module:
+        """The teacher's ViT: evaluation and export use it, as the official code does."""
+        return self.teacher.vit
+
+    @property
+    def teacher_temp(self) -> float:
+        return float(self.teacher_temps[min(self.epoch, len(self.teacher_temps) - 1)])
+
+    def build_views(self, data: DataConfig) -> Callable[..., list[torch.Tensor]]:
+        c = self.cfg
+        crops = MultiCrop(data.image_size, c.local_crop_size, global_scale=c.global_crops_scale,
+                          local_scale=c.local_crops_scale, mean=data.mean, std=data.std, flip=data.flip,
+                          blur=data.blur, randaugment=c.randaugment, strong_ratio=c.strong_ratio,
+                          erase_prob=c.random_erasing)
+        return MugsViews(crops, c.local_crops_number, c.strong_prob)
+
+    def training_step(self, views, indices, labels) -> StepOutput:
+        *crops, weak = views
+        teacher_crops, student_crops = crops[:2], crops[2:]
+        n = len(student_crops)
+        with torch.no_grad():
+            t = self.teacher(teacher_crops, self.teacher_memory)
+        s = self.student(student_crops, self.student_memory)
+
+        losses: dict[str, torch.Tensor] = {}
+        if s.instance is not None:
+            losses["instance"] = self._info_nce(s.instance, t.instance, self.instance_queue, self.cfg.instance_temp, n)
+        if s.local_group is not None:
+            losses["local_group"] = self._info_nce(s.local_group, t.local_group, self.local_group_queue,
+                                                   self.cfg.local_group_temp, n)
+        if s.group is not None:
+            teacher_logits = t.group.float()
+            losses["group"] = group_loss(list(s.group.float().chunk(n)), list(teacher_logits.chunk(2)), self.center,
+                                         self.teacher_temp, self.cfg.group_student_temp)
+            self.update_center(teacher_logits)
+        total = sum(losses.values()) / sum(w for w in self.cfg.loss_weights if w > 0)
+
+        if self.student_memory is not None and self.teacher_memory is not None:
+            batch = weak.shape[0]
+            self.student_memory.write(s.memory_tokens[:batch], keep=weak)
+            self.teacher_memory.write(t.memory_tokens[:batch])
+        logs = {f"loss_{name}": value.detach() for name, value in losses.items()}
+        logs["weak_fraction"] = weak.float().mean()
+        with torch.no_grad():  # collapse monitor: √D · mean per-dimension std of n(teacher CLS), ≈ 1 when spread out
+            unit = F.normalize(t.features.float(), dim=1)
+            logs["teacher_cls_std"] = unit.std(dim=0).mean() * unit.shape[1] ** 0.5
+        return StepOutput(total, logs)
+
+    def _info_nce(self, student: torch.Tensor, teacher: torch.Tensor, queue: MemoryBank, temperature: float,
+                  num_student: int) -> torch.Tensor:
+        """InfoNCE against the queue as it was, then enqueue the teacher targets of both global crops."""
+        targets = list(teacher.float().chunk(2))
+        loss = info_nce_loss(list(student.float().chunk(num_student)), targets, queue.snapshot(), temperature)
+        for target in targets:
+            queue.enqueue(target)
+        return loss
+
+    @torch.no_grad()
+    def update_center(self, teacher_logits: torch.Tensor) -> None:
+        """C ← m·C + (1 − m)·mean of the teacher logits of both crops over all ranks."""
+        batch_mean = distributed.all_reduce_mean(teacher_logits.mean(dim=0, keepdim=True))
+        self.center.mul_(self.cfg.center_momentum).add_(batch_mean, alpha=1 - self.cfg.center_momentum)
+
+    # ---------------------------------------------------------------------------------------- hooks
+
+    def on_epoch_start(self, epoch: int, loader: Any) -> None:
+        self.epoch = epoch
+
+    def on_before_optimizer_step(self) -> None:
+        c = self.cfg
+        if c.clip_grad > 0:
+            late = c.clip_grad_drop_epoch is not None and self.epoch > c.clip_grad_drop_epoch
+            clip_per_parameter(list(self.student.parameters()), c.clip_grad / 10 if late else c.clip_grad)
+        if self.epoch < c.freeze_last_layer and self.student.group_head is not None:
+            for p in self.student.group_head.last_layer.parameters():
+                p.grad = None
+
+    def on_after_step(self, progress: float) -> None:
+        momentum = cosine_momentum(self.cfg.momentum_teacher, progress)
+        for teacher_part, student_part in self.teacher.ema_pairs(self.student):
+            ema_update(teacher_part, student_part, momentum)
+
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """AdamW groups as the official code: no weight decay on biases and 1-d (norm) parameters, decay on the
+        rest (pos_embed and cls_token included); patch_embed at lr × ``patch_embed_lr_mult``."""
+        groups: dict[tuple[bool, bool], list[nn.Parameter]] = {
+            (decay, patch_embed): [] for decay in (True, False) for patch_embed in (False, True)}
+        for name, p in self.student.named_parameters():
+            if p.requires_grad:
+                decay = not (name.endswith(".bias") or p.ndim <= 1)
+                groups[(decay, "patch_embed" in name)].append(p)
+        out = []
+        for (decay, patch_embed), params in groups.items():
+            if params:
+                group: dict[str, Any] = {"params": params}
+                if patch_embed:
+                    group["lr_scale"] = self.cfg.patch_embed_lr_mult
+                if not decay:
+                    group["weight_decay"] = 0.0
+                out.append(group)
+        return out

@@ -1,0 +1,116 @@
+"""Vision Transformers (timm, ``pretrained=False``) registered as ``vit_tiny | vit_small | vit_base | vit_large``.
+
+As DINO/Mugs build them: pre-norm blocks, MLP ratio 4, qkv bias, LayerNorm eps 1e-6, truncated-normal(0.02)
+weights and tokens, stochastic depth linspace(0, ``model.drop_path_rate``) over the blocks. The position
+embedding is laid out for ``model.vit_image_size`` and resampled bicubically for other input sizes
+(timm's ``dynamic_img_size``), so 96-px local crops and small CPU images pass through the same network.
+
+``forward`` maps images to the CLS token after the final LayerNorm (what kNN and export use). The extra
+views Mugs and the evaluations need: :meth:`ViT.forward_tokens` (all tokens after the last block, *before*
+the final norm), :meth:`ViT.last_blocks_cls` (normed CLS of the last n blocks, the ViT-S linear probe) and
+:meth:`ViT.last_self_attention` (the last block's attention probabilities, per head).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+from timm.layers import DropPath
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+
+from selfsup.config import ModelConfig
+from selfsup.models.backbones import register_backbone
+
+# (patch size, width, depth, heads); vit_tiny is the CPU preset: DeiT-Ti widths with 4-px patches
+VIT_PRESETS: dict[str, tuple[int, int, int, int]] = {
+    "vit_tiny": (4, 192, 12, 3),
+    "vit_small": (16, 384, 12, 6),
+    "vit_base": (16, 768, 12, 12),
+    "vit_large": (16, 1024, 24, 16),
+}
+
+
+class ViT(VisionTransformer):
+    """timm's VisionTransformer without a classifier; parameter names are timm's (and DINO's/Mugs')."""
+
+    def __init__(self, *, image_size: int, patch_size: int, embed_dim: int, depth: int, num_heads: int,
+                 drop_path_rate: float = 0.0):
+        super().__init__(img_size=image_size, patch_size=patch_size, num_classes=0, global_pool="token",
+                         embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=4.0, qkv_bias=True,
+                         norm_layer=partial(nn.LayerNorm, eps=1e-6), drop_path_rate=drop_path_rate,
+                         dynamic_img_size=True)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)  # DINO/Mugs; timm draws it with std 1e-6
+
+    def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 1 + N, D): CLS and patch tokens after the last block, before the final LayerNorm."""
+        x = self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(x))))
+        return self.blocks(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, D): the CLS token after the final LayerNorm."""
+        return self.norm(self.forward_tokens(x))[:, 0]
+
+    def last_blocks_cls(self, x: torch.Tensor, n: int = 4, avgpool: bool = False) -> torch.Tensor:
+        """(B, n·D): the CLS tokens of the last ``n`` blocks, each through the final LayerNorm, concatenated
+        (DINO/Mugs linear probe for ViT-S). ``avgpool`` appends the mean normed patch token of the last block
+        (their ViT-B variant, used with n = 1)."""
+        x = self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(x))))
+        outputs = []
+        for i, block in enumerate(self.blocks):
+            x = block(x)
+            if i >= len(self.blocks) - n:
+                outputs.append(self.norm(x))
+        features = [out[:, 0] for out in outputs]
+        if avgpool:
+            features.append(outputs[-1][:, self.num_prefix_tokens:].mean(dim=1))
+        return torch.cat(features, dim=1)
+
+    def last_self_attention(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, heads, 1 + N, 1 + N): softmax(q·kᵀ/√d) of the last block; row 0 is the CLS token's attention."""
+        x = self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(x))))
+        for block in self.blocks[:-1]:
+            x = block(x)
+        last = self.blocks[-1]
+        attn = last.attn
+        y = last.norm1(x)
+        qkv = attn.qkv(y).reshape(y.shape[0], y.shape[1], 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+        q, k = attn.q_norm(qkv[0]), attn.k_norm(qkv[1])
+        return ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+
+    def patch_grid(self, height: int, width: int) -> tuple[int, int]:
+        """Token grid of an input of this size."""
+        ph, pw = self.patch_embed.patch_size
+        return height // ph, width // pw
+
+
+class LastBlocksCLS(nn.Module):
+    """A frozen-feature "backbone" for linear probes: images → :meth:`ViT.last_blocks_cls` (1536-d for ViT-S)."""
+
+    def __init__(self, vit: ViT, n: int = 4, avgpool: bool = False):
+        super().__init__()
+        self.vit = vit
+        self.n = n
+        self.avgpool = avgpool
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.vit.last_blocks_cls(x, self.n, self.avgpool)
+
+
+def set_drop_path(module: nn.Module, rate: float) -> None:
+    """Set every stochastic-depth layer in ``module`` to ``rate`` (a Mugs/DINO teacher uses 0)."""
+    for m in module.modules():
+        if isinstance(m, DropPath):
+            m.drop_prob = rate
+
+
+def build_vit(name: str, cfg: ModelConfig) -> tuple[ViT, int]:
+    patch, width, depth, heads = VIT_PRESETS[name]
+    net = ViT(image_size=cfg.vit_image_size, patch_size=cfg.patch_size or patch, embed_dim=cfg.embed_dim or width,
+              depth=cfg.depth or depth, num_heads=cfg.num_heads or heads, drop_path_rate=cfg.drop_path_rate)
+    return net, net.embed_dim
+
+
+for _name in VIT_PRESETS:
+    register_backbone(_name)(partial(build_vit, _name))
