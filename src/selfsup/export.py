@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,13 @@ import torchvision
 from torch import nn
 
 from selfsup.config import Config, ConfigError, ModelConfig, config_from_dict
-from selfsup.engine.checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint, save_checkpoint
+from selfsup.engine.checkpoint import (
+    CheckpointError,
+    atomic_write,
+    load_checkpoint,
+    resolve_checkpoint,
+    save_checkpoint,
+)
 from selfsup.models import BACKBONES, build_backbone  # the package import registers the ViTs too
 
 FORMAT = "selfsup-backbone/1"
@@ -97,17 +102,8 @@ def save_backbone(state: dict[str, torch.Tensor], path: str | Path, info: Backbo
         return save_checkpoint({"state_dict": tensors, "selfsup": info.to_metadata()}, path)
     from safetensors.torch import save
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as handle:  # (safetensors' own save_file creates files readable by the owner only)
-            handle.write(save(tensors, metadata=info.to_metadata()))
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    # safetensors' own save_file creates files readable by the owner only: write the bytes ourselves
+    return atomic_write(path, lambda handle: handle.write(save(tensors, metadata=info.to_metadata())))
 
 
 def read_backbone(path: str | Path) -> tuple[dict[str, torch.Tensor], BackboneInfo]:

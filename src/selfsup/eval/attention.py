@@ -7,7 +7,6 @@ A PNG row is ``[input | head 1 | … | head H]``, enlarged with nearest-neighbou
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import numpy as np
@@ -15,12 +14,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from selfsup.config import ConfigError, config_from_dict, parse_override, set_dotted
+from selfsup.config import ConfigError
 from selfsup.data.datasets import build_dataset
 from selfsup.data.transforms import transform_from_config
-from selfsup.engine.checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint
-from selfsup.engine.trainer import resolve_device, seed_everything
-from selfsup.methods import DataInfo, build_method
+from selfsup.engine.trainer import resolve_device
+from selfsup.eval.run import load_run
 from selfsup.models.vit import ViT
 
 
@@ -60,18 +58,7 @@ def export_attention(checkpoint_or_run: str | Path, out_dir: str | Path, n_image
                      scale: int | None = None) -> list[Path]:
     """Write ``attention_000.png …`` for the first ``n_images`` of ``split`` (default the val split) through the
     run's evaluated backbone (Mugs: the teacher ViT), eval transform. Returns the written paths."""
-    checkpoint = resolve_checkpoint(checkpoint_or_run)
-    state = load_checkpoint(checkpoint)
-    if "config" not in state or "method" not in state:
-        raise CheckpointError(f"{checkpoint} has no 'config'/'method' entries: it is not a selfsup run checkpoint")
-    raw = copy.deepcopy(state["config"])
-    for word in overrides or []:
-        set_dotted(raw, *parse_override(word))
-    cfg = config_from_dict(raw)
-    train_set = build_dataset(cfg.data, cfg.data.train_split)
-    seed_everything(cfg.train.seed)
-    method = build_method(cfg, DataInfo(len(train_set), train_set.num_classes))
-    method.load_state_dict(state["method"])
+    _, _, cfg, method, _ = load_run(checkpoint_or_run, overrides)
     vit = method.backbone
     if not isinstance(vit, ViT):
         raise ConfigError(f"attention maps need a ViT backbone; this run uses {cfg.model.backbone!r}")

@@ -7,22 +7,24 @@ import json
 from pathlib import Path
 from typing import Any
 
-from selfsup.config import config_from_dict, parse_override, set_dotted
+from torch import nn
+
+from selfsup.config import Config, config_from_dict, parse_override, set_dotted
 from selfsup.data.datasets import build_dataset
 from selfsup.engine.checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint
 from selfsup.engine.trainer import resolve_device, seed_everything
 from selfsup.eval.protocols import check_protocols, evaluate_backbone, format_scores
-from selfsup.methods import DataInfo, build_method
+from selfsup.methods import DataInfo, Method, build_method
 
 
-def evaluate_checkpoint(path: str | Path, protocols: list[str], overrides: list[str] | None = None, *,
-                        random_init: bool = False, device: str | None = None) -> dict[str, Any]:
-    check_protocols(protocols)
+def load_run(path: str | Path, overrides: list[str] | None = None) -> tuple[Path, dict, Config, Method, nn.Module]:
+    """(checkpoint file, its state, the run's config with ``overrides``, the method with the saved weights,
+    the backbone at its seeded initial weights) for a run folder or checkpoint."""
     checkpoint = resolve_checkpoint(path)
     state = load_checkpoint(checkpoint)
     if "config" not in state or "method" not in state:
         raise CheckpointError(f"{checkpoint} has no 'config'/'method' entries: it is not a selfsup run checkpoint")
-    raw = state["config"]
+    raw = copy.deepcopy(state["config"])
     for word in overrides or []:
         set_dotted(raw, *parse_override(word))
     cfg = config_from_dict(raw)
@@ -31,6 +33,13 @@ def evaluate_checkpoint(path: str | Path, protocols: list[str], overrides: list[
     method = build_method(cfg, DataInfo(len(train_set), train_set.num_classes))
     initial = copy.deepcopy(method.backbone)
     method.load_state_dict(state["method"])
+    return checkpoint, state, cfg, method, initial
+
+
+def evaluate_checkpoint(path: str | Path, protocols: list[str], overrides: list[str] | None = None, *,
+                        random_init: bool = False, device: str | None = None) -> dict[str, Any]:
+    check_protocols(protocols)
+    checkpoint, state, cfg, method, initial = load_run(path, overrides)
     target = resolve_device(device or cfg.train.device)
     results = {"trained": evaluate_backbone(method.backbone, cfg, target, protocols, progress=True)}
     if random_init:
