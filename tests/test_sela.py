@@ -179,7 +179,10 @@ def test_resume_restores_labels_and_schedule_position(tmp_path):
     rows = list(csv.reader(out.open()))
     assert rows[0] == ["index", "image", "head0", "head1"] and len(rows) == 129
     assert rows[5] == ["4", "digits/train[4]", *map(str, straight.method.labels[:, 4].tolist())]
-    payload = json.loads(export_labels(tmp_path / "a" / "run", tmp_path / "labels.json").read_text())
+    from selfsup.cli import main
+
+    assert main(["labels", str(tmp_path / "a" / "run"), str(tmp_path / "labels.json")]) == 0
+    payload = json.loads((tmp_path / "labels.json").read_text())
     assert payload["num_heads"] == 2 and payload["num_clusters"] == 8
     assert payload["samples"][7]["labels"] == straight.method.labels[:, 7].tolist()
 
