@@ -289,23 +289,21 @@ def test_views_shapes_flag_and_determinism(tmp_path):
 # ------------------------------------------------------------------------------------------------ runs
 
 
-# Stochastic depth off: creating the DataLoader iterator draws from torch's global RNG, so a resumed run's
-# drop-path masks are one draw behind the straight run's (the trainer's RNG restore is otherwise exact).
-NO_DROP_PATH = "model.drop_path_rate=0"
+# Stochastic depth on (0.1 in mugs_config): a resumed run must draw the same drop-path masks as a straight one.
 
 
 @pytest.fixture(scope="module")
 def straight_run(tmp_path_factory):
-    trainer = Trainer(mugs_config(tmp_path_factory.mktemp("straight"), NO_DROP_PATH))
+    trainer = Trainer(mugs_config(tmp_path_factory.mktemp("straight")))
     trainer.fit()
     return trainer
 
 
 def test_resume_restores_queues_memories_and_centre(tmp_path, straight_run):
     assert straight_run.step == 8  # 2 epochs x (64 // 16)
-    first = Trainer(mugs_config(tmp_path, NO_DROP_PATH, "train.max_steps=3"))
+    first = Trainer(mugs_config(tmp_path, "train.max_steps=3"))
     first.fit()
-    resumed = Trainer(mugs_config(tmp_path, NO_DROP_PATH, "train.resume=auto"))
+    resumed = Trainer(mugs_config(tmp_path, "train.resume=auto"))
     assert resumed.step == 3
     resumed.fit()
     a, b = straight_run.method.state_dict(), resumed.method.state_dict()

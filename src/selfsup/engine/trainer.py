@@ -108,6 +108,9 @@ class Trainer:
             dataset, batch_size=self.batch_per_rank, sampler=self.sampler,
             num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda",
             persistent_workers=cfg.data.num_workers > 0, drop_last=False,
+            # its own generator: starting an epoch's iterator must not draw from the global RNG, which the
+            # model's own randomness (dropout, drop-path) uses and a resume restores
+            generator=torch.Generator().manual_seed(t.seed),
         )
         self.steps_per_epoch = self.sampler.batches_per_epoch
         self.total_steps = t.epochs * self.steps_per_epoch  # with a time budget: re-planned as training runs
