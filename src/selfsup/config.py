@@ -50,6 +50,8 @@ class ModelConfig:
     backbone: str = "resnet_mini"  # see selfsup.models.backbones.BACKBONES
     small_stem: bool = True  # CIFAR stem: 3x3 stride-1 conv and no max-pool (small images)
     zero_init_residual: bool = False
+    widths: tuple[int, ...] | None = None  # resnet_mini stage widths; None keeps the preset (16/32/64, wide 32/64/128)
+    pool_grid: int = 1  # resnet_mini: average-pool the last map to g x g and flatten (C·g² features; 1 = global)
     # ViTs (selfsup.models.vit); None keeps the architecture's preset, ResNets ignore these
     patch_size: int | None = None
     embed_dim: int | None = None

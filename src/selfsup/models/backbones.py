@@ -14,7 +14,7 @@ from torch import nn
 from torchvision import models as tv
 from torchvision.models.resnet import BasicBlock
 
-from selfsup.config import ModelConfig, check_choice
+from selfsup.config import ConfigError, ModelConfig, check_choice
 
 BackboneBuilder = Callable[[ModelConfig], tuple[nn.Module, int]]
 BACKBONES: dict[str, BackboneBuilder] = {}
@@ -43,6 +43,9 @@ def use_small_stem(net: nn.Module, stem_width: int) -> None:
 
 def _torchvision_resnet(factory: Callable[..., tv.ResNet]) -> BackboneBuilder:
     def build(cfg: ModelConfig) -> tuple[nn.Module, int]:
+        if cfg.widths is not None or cfg.pool_grid != 1:
+            raise ConfigError(f"model.widths and model.pool_grid apply to resnet_mini only; {cfg.backbone} keeps "
+                              "torchvision's architecture (so its export loads into the plain model)")
         net = factory(weights=None, zero_init_residual=cfg.zero_init_residual)
         feature_dim = net.fc.in_features
         net.fc = nn.Identity()
@@ -68,9 +71,12 @@ class ResNetMini(nn.Module):
     """A small ResNet for CPU runs and tests: stem, one BasicBlock per stage, adaptive pooling.
 
     Named like torchvision's ResNet (conv1/bn1/layer1..), widths configurable (default 16/32/64).
+    ``pool_grid`` g > 1 averages the last map over a g x g grid instead of globally and flattens it
+    (C·g² features): on 28-px Fashion-MNIST the silhouette's layout matters (see fashion_mnist_cpu.yaml).
     """
 
-    def __init__(self, widths: tuple[int, ...] = (16, 32, 64), blocks: int = 1, small_stem: bool = True):
+    def __init__(self, widths: tuple[int, ...] = (16, 32, 64), blocks: int = 1, small_stem: bool = True,
+                 pool_grid: int = 1):
         super().__init__()
         stem = widths[0]
         if small_stem:
@@ -95,8 +101,10 @@ class ResNetMini(nn.Module):
                 in_width = width
             stages.append(nn.Sequential(*layers))
         self.layers = nn.ModuleList(stages)
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.feature_dim = in_width
+        if pool_grid < 1:
+            raise ValueError(f"pool_grid must be >= 1, got {pool_grid}")
+        self.avgpool = nn.AdaptiveAvgPool2d(pool_grid)
+        self.feature_dim = in_width * pool_grid**2
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -110,13 +118,14 @@ class ResNetMini(nn.Module):
 
 @register_backbone("resnet_mini")
 def _resnet_mini(cfg: ModelConfig) -> tuple[nn.Module, int]:
-    net = ResNetMini((16, 32, 64), blocks=1, small_stem=cfg.small_stem)
+    net = ResNetMini(tuple(cfg.widths or (16, 32, 64)), blocks=1, small_stem=cfg.small_stem, pool_grid=cfg.pool_grid)
     return net, net.feature_dim
 
 
 @register_backbone("resnet_mini_wide")
 def _resnet_mini_wide(cfg: ModelConfig) -> tuple[nn.Module, int]:
-    net = ResNetMini((32, 64, 128), blocks=1, small_stem=cfg.small_stem)
+    net = ResNetMini(tuple(cfg.widths or (32, 64, 128)), blocks=1, small_stem=cfg.small_stem,
+                     pool_grid=cfg.pool_grid)
     return net, net.feature_dim
 
 
