@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from torchvision import transforms as T
 
 from conftest import tiny_config
 from selfsup.cli import RECIPES
@@ -284,6 +285,19 @@ def test_views_shapes_flag_and_determinism(tmp_path):
         torch.manual_seed(seed)
         flags.add(bool(make(image)[-1]))
     assert flags == {True, False}
+
+
+def test_colour_jitter_option_keeps_grey_images_grey_and_skips_saturation_and_hue(tmp_path):
+    cfg = mugs_config(tmp_path, "method.color_jitter=[0.4,0.4,0.0,0.0]", "method.strong_prob=0.0")
+    make = build_method(cfg, DataInfo(128, 10)).build_views(cfg.data)
+    colour = next(t for t in make.crops.weak_global_1.transforms if isinstance(t, T.RandomApply)).transforms[0]
+    assert (colour.saturation, colour.hue) == (None, None) and colour.brightness == (0.6, 1.4)
+    grey = Image.fromarray((np.random.default_rng(1).random((8, 8)) * 255).astype(np.uint8)).convert("RGB")
+    mean, std = torch.tensor(cfg.data.mean).view(3, 1, 1), torch.tensor(cfg.data.std).view(3, 1, 1)
+    torch.manual_seed(0)
+    for view in make(grey)[:-1]:  # all weak: brightness/contrast only, so R = G = B after un-normalising
+        pixels = view * std + mean
+        assert torch.allclose(pixels[0], pixels[1], atol=1e-5) and torch.allclose(pixels[1], pixels[2], atol=1e-5)
 
 
 # ------------------------------------------------------------------------------------------------ runs

@@ -205,6 +205,30 @@ def test_one_head_per_update_and_clean_aggregation(tmp_path):
     assert torch.equal(index_a, torch.arange(128)) and torch.equal(first, second)
 
 
+def test_batch_augmentation_relabels_from_the_views_training_sees(tmp_path):
+    # data.augment=batch: the loader yields raw uint8 images; the update must embed augmented, normalised views
+    from selfsup.data.batch_augment import batch_transform_from_config
+    from selfsup.methods.sela import RELABEL_SEED
+
+    trainer = Trainer(tiny_config(tmp_path, *SELA, "data.augment=batch", method="sela"))
+    method = trainer.method
+    seen: list[torch.Tensor] = []
+    hook = method.encoder.register_forward_pre_hook(lambda module, args: seen.append(args[0].clone()))
+    method.on_epoch_start(0, trainer.loader)  # the update before the first step
+    features, indices = method.aggregate()
+    hook.remove()
+    assert method.relabels == 1 and features.shape == (128, 64)
+    assert torch.equal(indices.sort().values, torch.arange(128))
+    # the second pass (still update 1) draws the same crops and colours as a fresh BatchAugment would
+    augment = batch_transform_from_config(trainer.cfg.data, "moco_v1")
+    generator = torch.Generator().manual_seed(trainer.cfg.train.seed + RELABEL_SEED + 1)
+    raw = torch.stack([trainer.loader.dataset[(int(i), 0)][0] for i in indices[:32]])
+    expected = augment(raw, generator)
+    assert seen[4].shape == (32, 3, 16, 16) and torch.equal(seen[4], expected)
+    trainer.fit()  # and training runs through its scheduled updates
+    assert method.relabels == 3
+
+
 def test_exported_torchvision_resnet_gives_head_zero_logits(tmp_path):
     import torchvision
 

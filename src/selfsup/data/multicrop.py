@@ -6,6 +6,8 @@
 - strong:        flip → RandAugment (timm ``rand-m9-mstd0.5-inc1``, translate = 0.45 × crop size, *before*
   cropping) → RRC(bicubic) → RandomErasing(0.25, per-pixel normal noise)
 
+``jitter`` (brightness, contrast, saturation, hue) is DINO's (0.4, 0.4, 0.2, 0.1); zeros skip those
+operations (saturation and hue do nothing on grey images such as Fashion-MNIST but cost the most time).
 Blur radii are DINO's U(0.1, 2.0) px at 224 px, scaled by global size / 224. Random erasing acts on the
 [0, 1] image before normalisation, as the official pipeline does (its normalisation runs later, on the GPU).
 Every draw comes from torch's RNG; timm's RandAugment (Python ``random`` and NumPy) is run under a seed
@@ -91,9 +93,10 @@ class MultiCrop:
     def __init__(self, global_size: int, local_size: int, *, global_scale: Sequence[float] = (0.25, 1.0),
                  local_scale: Sequence[float] = (0.05, 0.25), mean: Sequence[float], std: Sequence[float],
                  flip: bool = True, blur: bool = True, randaugment: str = "rand-m9-mstd0.5-inc1",
-                 strong_ratio: float = 0.45, erase_prob: float = 0.25):
+                 strong_ratio: float = 0.45, erase_prob: float = 0.25,
+                 jitter: Sequence[float] = (0.4, 0.4, 0.2, 0.1)):
         self.mirror: list[Callable] = [T.RandomHorizontalFlip()] if flip else []
-        colour = [T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8), T.RandomGrayscale(p=0.2)]
+        colour = [T.RandomApply([T.ColorJitter(*jitter)], p=0.8), T.RandomGrayscale(p=0.2)]
         self.finish = [T.ToTensor(), T.Normalize(list(mean), list(std))]
         self.mean = mean
         radius = (0.1 * global_size / 224, 2.0 * global_size / 224)

@@ -56,6 +56,7 @@ class MugsConfig(MethodConfig):
     randaugment: str = "rand-m9-mstd0.5-inc1"
     strong_ratio: float = 0.45  # RandAugment translation = this × crop size
     random_erasing: float = 0.25
+    color_jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)  # brightness, contrast, saturation, hue
     # heads
     use_bn_in_head: bool = False  # BatchNorm in the three projectors (official flag; SyncBN across GPUs)
     head_hidden_dim: int = 2048
@@ -276,7 +277,7 @@ class Mugs(Method):
         crops = MultiCrop(data.image_size, c.local_crop_size, global_scale=c.global_crops_scale,
                           local_scale=c.local_crops_scale, mean=data.mean, std=data.std, flip=data.flip,
                           blur=data.blur, randaugment=c.randaugment, strong_ratio=c.strong_ratio,
-                          erase_prob=c.random_erasing)
+                          erase_prob=c.random_erasing, jitter=c.color_jitter)
         return MugsViews(crops, c.local_crops_number, c.strong_prob)
 
     def training_step(self, views, indices, labels) -> StepOutput:

@@ -43,7 +43,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from selfsup.config import Config, ConfigError, MethodConfig, check_choice, register_method_config
-from selfsup.data.loader import EpochSampler, MultiView, ViewDataset
+from selfsup.data.batch_augment import BatchAugment, batch_transform_from_config
+from selfsup.data.loader import EpochSampler, ImageTensorDataset, MultiView, ViewDataset
 from selfsup.data.transforms import TRANSFORMS, transform_from_config
 from selfsup.methods.base import DataInfo, Method, StepOutput, new_backbone, register_method
 from selfsup.models.heads import MultiHead
@@ -239,23 +240,28 @@ class SeLa(Method):
     def aggregate(self, dataset: ViewDataset | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Penultimate features (float32) of this rank's shard of the training set, and their dataset indices.
 
-        ``aggregate=train``: the training views in shuffled order, the backbone in train mode (the seed);
-        ``eval``: the eval transform in index order, eval mode. Own DataLoader and sampler (keys
+        ``aggregate=train``: the training views in shuffled order, the backbone in train mode (the seed),
+        drawn on the device as in training under ``data.augment=batch``; ``eval``: the eval transform in
+        index order, eval mode. Own DataLoader and sampler (keys
         ``(index, seed)`` drawn from the run seed and the update number), never the trainer's iterator.
         """
         views = dataset or self._dataset
         if views is None:
             raise RuntimeError("SeLa.relabel needs the training data: on_epoch_start(epoch, loader) was not called")
         seen_in_training = self.cfg.aggregate == "train"
+        device = self.labels.device
+        augment: BatchAugment | None = None  # data.augment=batch: the loader gives raw images, views made here
         if not seen_in_training:
             views = ViewDataset(views.base, MultiView([transform_from_config(self.data_cfg, "eval")]))
+        elif isinstance(views, ImageTensorDataset):
+            augment = batch_transform_from_config(self.data_cfg, self.cfg.augmentation).to(device)
+            generator = torch.Generator(device=device).manual_seed(self.seed + RELABEL_SEED + self.relabels)
         world, rank = distributed.world_size(), distributed.rank()
         per_rank = self.batch_size // world
         sampler = EpochSampler(len(views), per_rank, seed=self.seed + RELABEL_SEED, rank=rank, world_size=world,
                                drop_last=False, shuffle=seen_in_training)
         sampler.set_epoch(self.relabels)
         loader = DataLoader(views, batch_size=per_rank, sampler=sampler, **self._loader_options)
-        device = self.labels.device
         count = shard_size(len(views), per_rank, rank, world)
         width = self.heads[0].in_features
         features = torch.empty(count, width, device=storage_device(count * width * 4, device, self.cfg.storage))
@@ -265,7 +271,11 @@ class SeLa(Method):
         filled = 0
         try:
             for batch, index, _ in loader:
-                out = self.encoder(batch[0].to(device, non_blocking=True)).float()
+                if augment is None:
+                    images = batch[0].to(device, non_blocking=True)
+                else:
+                    images = augment(batch.to(device, non_blocking=True), generator)
+                out = self.encoder(images).float()
                 features[filled:filled + out.shape[0]] = out
                 indices[filled:filled + out.shape[0]] = index
                 filled += out.shape[0]
