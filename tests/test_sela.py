@@ -4,6 +4,7 @@ the label table and schedule, label export, and the torchvision export of a ResN
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 
 import numpy as np
@@ -19,6 +20,7 @@ from selfsup.methods.sela import (
     balanced_random_labels,
     export_labels,
     export_torchvision,
+    pseudo_label_scores,
     relabel_iterations,
     relabel_times,
     sela_loss,
@@ -78,6 +80,40 @@ def test_per_sample_constant_changes_nothing():
     assert torch.allclose(result_a.r, result_b.r)
 
 
+@pytest.mark.parametrize("with_head", [False, True])
+def test_power_softmax_leaves_the_callers_logits_alone(with_head):
+    x = torch.randn(50, 6, dtype=torch.float64)  # already in the compute dtype and device: .to() would alias it
+    before = x.clone()
+    weight, bias = (torch.randn(6, 6, dtype=torch.float64), torch.randn(6, dtype=torch.float64)) if with_head \
+        else (None, None)
+    p = power_softmax(x, 25.0, weight=weight, bias=bias, chunk_size=16)
+    assert torch.equal(x, before)
+    logits = x @ weight.T + bias if with_head else x
+    assert torch.allclose(p, torch.softmax(25.0 * logits, dim=1), rtol=1e-12)
+
+
+def test_a_dead_cluster_stays_empty_and_the_others_share_the_samples():
+    # cluster 5 sits 40 logits below the rest: 25·40 underflows float64, its column of P^λ is all zero.
+    # The seed divides by that zero; NaNs then sent every label to the dead cluster.
+    logits = torch.randn(300, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    logits[:, 5] -= 40.0
+    assert power_softmax(logits, 25.0)[:, 5].max() == 0
+    with pytest.warns(RuntimeWarning, match="1 of 6 clusters"):
+        labels, result = sinkhorn_labels(logits, 25.0, tol=0.01)
+    counts = torch.bincount(labels, minlength=6)
+    assert counts[5] == 0 and counts[:5].min() >= 58 and counts[:5].max() <= 62, counts  # 300/5 each
+    assert result.r[5] == 0 and torch.isfinite(result.c).all()
+
+
+def test_float32_overflow_raises_instead_of_labelling():
+    # one sample carries a denormal mass for cluster 5, every other sample none: r_5 overflows float32
+    p = torch.softmax(torch.randn(300, 6, generator=torch.Generator().manual_seed(0)), dim=1)
+    p[:, 5] = 0.0
+    p[0, 5] = 1e-44
+    with pytest.raises(FloatingPointError, match="float64"):
+        sinkhorn_knopp(p)
+
+
 def test_float32_agrees_with_float64_on_an_easy_case():
     logits = _biased_logits(900, 9).float()
     f64, _ = sinkhorn_labels(logits, 10.0, dtype="f64")
@@ -127,6 +163,25 @@ def test_loss_is_cross_entropy_averaged_over_heads():
         (F.cross_entropy(z0, targets[0]) + F.cross_entropy(z1, targets[1])).item() / 2, rel=1e-6)
 
 
+def test_pseudo_label_scores_per_head_and_mean():
+    rng = np.random.default_rng(0)
+    targets = np.repeat(np.arange(4), 25)
+    targets[:10] = -1  # unknown classes are left out
+    perfect = (targets + 1) % 4  # a relabelling of the classes
+    perfect[:10] = rng.integers(0, 4, 10)
+    noisy = rng.integers(0, 4, 100)
+    scores = pseudo_label_scores(np.stack([perfect, noisy]), targets)
+    assert list(scores) == ["head0", "head1", "mean"]
+    for name in ("nmi", "nmi_geometric", "ami", "ari", "label_acc"):
+        assert scores["head0"][name] == pytest.approx(100.0)
+        assert scores["head1"][name] < 40  # chance: 25 % label accuracy, ≈0 for the others
+        assert scores["mean"][name] == pytest.approx((100.0 + scores["head1"][name]) / 2)
+    confusion = np.zeros((4, 4), dtype=int)
+    np.add.at(confusion, (noisy[10:], targets[10:]), 1)
+    best = max(sum(confusion[c, y] for c, y in enumerate(perm)) for perm in itertools.permutations(range(4)))
+    assert scores["head1"]["label_acc"] == pytest.approx(100.0 * best / 90)
+
+
 def test_initial_labels_are_balanced_and_differ_per_head():
     labels = balanced_random_labels(3, 100, 7, torch.Generator().manual_seed(0))
     for head in labels:
@@ -146,7 +201,7 @@ def test_shard_sizes_match_the_sampler():
 SELA = ["data.subset=128", "method.ncl=8", "method.hc=2", "method.nopts=4", "method.tol=0.01"]
 
 
-def test_resume_restores_labels_and_schedule_position(tmp_path):
+def test_resume_restores_labels_and_schedule_position(tmp_path, capsys):
     # 128 images, batch 32: 4 steps per epoch, 8 in all; t_j = 3.01·128·(j/3)² → updates before steps 0, 2, 6
     straight = Trainer(tiny_config(tmp_path / "a", *SELA, method="sela"))
     straight.fit()
@@ -175,8 +230,8 @@ def test_resume_restores_labels_and_schedule_position(tmp_path):
     assert set(straight.method.scores) == {"nmi", "nmi_geometric", "ami", "ari", "acc"}
 
     # pseudo-label export: CSV and JSON, dataset index → label per head
-    out = export_labels(tmp_path / "a" / "run", tmp_path / "labels.csv")
-    rows = list(csv.reader(out.open()))
+    exported = export_labels(tmp_path / "a" / "run", tmp_path / "labels.csv")
+    rows = list(csv.reader(exported.path.open()))
     assert rows[0] == ["index", "image", "head0", "head1"] and len(rows) == 129
     assert rows[5] == ["4", "digits/train[4]", *map(str, straight.method.labels[:, 4].tolist())]
     from selfsup.cli import main
@@ -184,6 +239,13 @@ def test_resume_restores_labels_and_schedule_position(tmp_path):
     assert main(["labels", str(tmp_path / "a" / "run"), str(tmp_path / "labels.json")]) == 0
     payload = json.loads((tmp_path / "labels.json").read_text())
     assert payload["num_heads"] == 2 and payload["num_clusters"] == 8
+    # scored against the digit classes of the 128 training images, head 0 as the training log
+    targets = straight.loader.dataset.base.targets
+    assert payload["scores"] == pseudo_label_scores(straight.method.labels.numpy(), targets) == exported.scores
+    assert payload["scores"]["head0"]["ami"] == pytest.approx(straight.method.scores["ami"])
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[-3].split()[0] == "head0" and printed[-1].split()[0] == "mean"
+    assert float(printed[-1].split()[1]) == pytest.approx(payload["scores"]["mean"]["nmi"], abs=0.01)
     assert payload["samples"][7]["labels"] == straight.method.labels[:, 7].tolist()
 
 

@@ -100,7 +100,13 @@ def cmd_attention(args: argparse.Namespace) -> int:
 def cmd_labels(args: argparse.Namespace) -> int:
     from selfsup.methods.sela import export_labels
 
-    print(export_labels(args.checkpoint, args.out))
+    exported = export_labels(args.checkpoint, args.out)
+    print(exported.path)
+    if exported.scores:  # the pseudo-labels against the true classes of the training set
+        names = list(exported.scores["mean"])
+        print(f"{'':8s}" + "".join(f"{name:>15s}" for name in names))
+        for row, scores in exported.scores.items():
+            print(f"{row:8s}" + "".join(f"{scores[name]:15.2f}" for name in names))
     return 0
 
 
@@ -148,7 +154,8 @@ def parser() -> argparse.ArgumentParser:
     a.add_argument("--split", default=None, help="data split (default: data.val_split)")
     a.add_argument("--device", default=None, help="cpu | cuda (default: the run's train.device)")
     a.set_defaults(func=cmd_attention)
-    lab = sub.add_parser("labels", help="write a SeLa run's pseudo-labels (index, image, label per head)")
+    lab = sub.add_parser("labels", help="write a SeLa run's pseudo-labels (index, image, label per head) and "
+                         "score them against the true classes (NMI, aNMI, ARI, label accuracy)")
     lab.add_argument("checkpoint", metavar="RUN_OR_CHECKPOINT")
     lab.add_argument("out", metavar="OUT", help="a .csv file, or JSON for any other name")
     lab.set_defaults(func=cmd_labels)

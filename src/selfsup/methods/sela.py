@@ -337,9 +337,30 @@ def export_torchvision(method: SeLa, head: int = 0) -> tuple[dict[str, torch.Ten
     return state, method.labels[head].detach().cpu().clone()
 
 
-def export_labels(checkpoint_path: str | Path, out_path: str | Path) -> Path:
+def pseudo_label_scores(labels: np.ndarray, targets: np.ndarray) -> dict[str, dict[str, float]]:
+    """NMI (arithmetic and geometric averaging), aNMI, ARI and Hungarian label accuracy (%) of every head's
+    pseudo-labels (``labels``: (heads, N)) against the true ``targets`` (N,), over the samples with a
+    target ≥ 0; keys ``head0``, ``head1``, …, then ``mean`` (over heads)."""
+    from selfsup.eval.clustering import clustering_scores
+
+    labels, targets = np.asarray(labels), np.asarray(targets)
+    known = targets >= 0
+    scores = {f"head{h}": clustering_scores(head[known], targets[known]) for h, head in enumerate(labels)}
+    scores["mean"] = {name: float(np.mean([s[name] for s in scores.values()])) for name in scores["head0"]}
+    return scores
+
+
+@dataclass
+class LabelExport:
+    path: Path  # the written CSV or JSON file
+    scores: dict[str, dict[str, float]] | None  # pseudo_label_scores vs the true labels (None: no labels known)
+
+
+def export_labels(checkpoint_path: str | Path, out_path: str | Path) -> LabelExport:
     """Write a run's pseudo-labels: dataset index (and image: its path for folder data sets,
-    ``ImageDataset.describe``) → label per head. ``.csv`` gives columns index,image,head0..; anything else JSON."""
+    ``ImageDataset.describe``) → label per head. ``.csv`` gives columns index,image,head0..; anything else JSON
+    (which also holds the scores). Where the training set can be read and has class labels, the pseudo-labels
+    are scored against them (:func:`pseudo_label_scores`)."""
     from selfsup.config import config_from_dict
     from selfsup.data.datasets import build_dataset
     from selfsup.engine.checkpoint import CheckpointError, load_checkpoint
@@ -351,10 +372,14 @@ def export_labels(checkpoint_path: str | Path, out_path: str | Path) -> Path:
     cfg = config_from_dict(state["config"])
     labels = labels.cpu().numpy()
     names: list[str] | None = None
+    scores: dict[str, dict[str, float]] | None = None
     try:
         dataset = build_dataset(cfg.data, cfg.data.train_split)
         if len(dataset) == labels.shape[1]:
             names = [dataset.describe(i) for i in range(len(dataset))]
+            targets = np.asarray(dataset.targets)
+            if (targets >= 0).any():
+                scores = pseudo_label_scores(labels, targets)
     except (OSError, ConfigError, RuntimeError):  # data not reachable here: indices only
         names = None
     out = Path(out_path)
@@ -370,6 +395,6 @@ def export_labels(checkpoint_path: str | Path, out_path: str | Path) -> Path:
         samples = [{"index": i, **({"image": names[i]} if names else {}), "labels": labels[:, i].tolist()}
                    for i in range(labels.shape[1])]
         payload = {"num_heads": labels.shape[0], "num_clusters": int(getattr(cfg.method, "ncl", labels.max() + 1)),
-                   "step": state.get("step"), "samples": samples}
+                   "step": state.get("step"), "scores": scores, "samples": samples}
         out.write_text(json.dumps(payload))
-    return out
+    return LabelExport(out, scores)

@@ -101,11 +101,23 @@ def sinkhorn_knopp(p: torch.Tensor, *, tol: float = 0.1, check_every: int = 10, 
     once err ≤ ``tol`` (0.1 ImageNet, 0.01 CIFAR). ``max_iters`` only guards against a run that never
     converges (the seed loops forever), with a warning. With ``distributed`` this rank holds a shard of
     the rows; N, the cluster marginals P c and err are summed over ranks.
+
+    A cluster whose column of P^λ underflowed to zero for every sample can hold no mass: it is left empty
+    (r_k = 0, with a warning) and the others share the equipartition, 1/K' each. The seed divides by zero
+    there, and the resulting NaNs made every label that cluster. Non-finite scalings (float32 overflow on
+    a nearly dead cluster) raise instead of giving such labels.
     """
     n_local, k = p.shape
     reduce = _sum_over_ranks if distributed else (lambda t: t)
     n = int(reduce(torch.tensor([float(n_local)], dtype=torch.float64, device=p.device)).item())
-    r = torch.full((k,), 1.0 / k, dtype=p.dtype, device=p.device)
+    alive = reduce(p.amax(dim=0)) > 0  # (K,): some sample gives the cluster non-zero mass
+    k_alive = int(alive.sum().item())
+    if k_alive < k:
+        warnings.warn(f"Sinkhorn-Knopp: {k - k_alive} of {k} clusters have P^λ = 0 for every sample (underflow; "
+                      f"use float64 or a smaller λ) and stay empty", RuntimeWarning, stacklevel=2)
+    target = alive.to(p.dtype) / k_alive  # cluster masses: 1/K' for the live clusters, 0 for the dead
+    tiny = torch.finfo(p.dtype).tiny
+    r = target.clone()
     c = torch.full((n_local,), 1.0 / n, dtype=p.dtype, device=p.device)
     error, iteration = float("inf"), 0
     while error > tol:
@@ -113,9 +125,12 @@ def sinkhorn_knopp(p: torch.Tensor, *, tol: float = 0.1, check_every: int = 10, 
             warnings.warn(f"Sinkhorn-Knopp stopped after {max_iters} iterations with error {error:.3g} > {tol}",
                           RuntimeWarning, stacklevel=2)
             break
-        r = (1.0 / k) / reduce(torch.mv(p.T, c))  # cluster marginals (K,), summed over all samples
+        r = target / reduce(torch.mv(p.T, c)).clamp_(min=tiny)  # cluster marginals (K,), summed over all samples
         c_new = (1.0 / n) / torch.mv(p, r)  # this rank's samples
         if iteration % check_every == 0:
+            if not (torch.isfinite(r).all() and torch.isfinite(c_new).all()):
+                raise FloatingPointError(f"Sinkhorn-Knopp scalings overflowed in {p.dtype} at iteration {iteration}: "
+                                         "use float64 (method.dtype=f64) or a smaller λ")
             error = float(reduce(torch.nansum(torch.abs(c / c_new - 1)).reshape(1)).item())
         c = c_new
         iteration += 1
