@@ -110,6 +110,18 @@ def cmd_labels(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from selfsup.eval.report import build_report, render_in_chromium
+
+    path = build_report(args.run, args.out, embedding=args.embedding, max_points=args.max_points, device=args.device,
+                        overrides=args.words)
+    print(f"wrote {path}")
+    if args.screenshot:
+        render_in_chromium(path, screenshot=args.screenshot, window=(1280, args.screenshot_height))
+        print(f"wrote {args.screenshot} (headless Chromium)")
+    return 0
+
+
 def cmd_recipes(args: argparse.Namespace) -> int:
     for path in sorted(RECIPES.glob("*.yaml")):
         first = path.read_text().splitlines()[0].lstrip("# ").strip()
@@ -159,6 +171,17 @@ def parser() -> argparse.ArgumentParser:
     lab.add_argument("checkpoint", metavar="RUN_OR_CHECKPOINT")
     lab.add_argument("out", metavar="OUT", help="a .csv file, or JSON for any other name")
     lab.set_defaults(func=cmd_labels)
+    rep = sub.add_parser("report", help="one self-contained HTML page: curves, scores, t-SNE/UMAP, clusters, attention")
+    rep.add_argument("run", metavar="RUN_OR_CHECKPOINT")
+    rep.add_argument("words", nargs="*", metavar="key=value", help="overrides, e.g. data.path=...")
+    rep.add_argument("--out", default=None, help="the HTML file (default RUN/report.html)")
+    rep.add_argument("--embedding", default="tsne", choices=["tsne", "umap"],
+                     help="2-D embedding of the val features (umap needs umap-learn; default tsne)")
+    rep.add_argument("--max-points", type=int, default=1500, help="val images in the embedding (default 1500)")
+    rep.add_argument("--device", default=None, help="cpu | cuda (default: the run's train.device)")
+    rep.add_argument("--screenshot", default=None, metavar="PNG", help="also render the page in headless Chromium")
+    rep.add_argument("--screenshot-height", type=int, default=3600, help="screenshot height in pixels (default 3600)")
+    rep.set_defaults(func=cmd_report)
     r = sub.add_parser("recipes", help="list the packaged recipes")
     r.set_defaults(func=cmd_recipes)
     return p
