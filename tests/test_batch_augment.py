@@ -269,7 +269,9 @@ def test_uint8_float_grey_and_single_inputs():
     out = aug(grey, torch.Generator().manual_seed(0))
     assert out.shape == (4, 3, 16, 16)
     rgb = aug(grey.expand(-1, 3, -1, -1), torch.Generator().manual_seed(0))
-    torch.testing.assert_close(out, rgb, atol=1e-6, rtol=0)
+    # a grey batch is augmented on one channel (saturation, hue and grayscale are identities there, as in
+    # torchvision); on its RGB copy they are identities only up to the luma weights' sum, 0.9999
+    torch.testing.assert_close(out, rgb, atol=2e-3, rtol=0)
     ev = A.build_batch_transform("eval", 16, crop_ratio=0.8)
     ref = TF.normalize(TF.center_crop(TF.resize(x.float() / 255, 20, antialias=True), [16, 16]),
                        list(IMAGENET_MEAN), list(IMAGENET_STD))

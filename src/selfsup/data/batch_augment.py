@@ -459,14 +459,15 @@ class BatchAugment(nn.Module):
     def apply(self, images: Tensor, params: AugmentParams) -> Tensor:
         """The random recipe with given parameters on a float batch in [0, 1] (before normalisation)."""
         p = params.to(images.device, images.dtype)
-        return self._transform(images, p, self._plan(p))
+        return self._transform(images, p, self._plan(p)).expand(-1, 3, -1, -1)
 
     def _plan(self, p: AugmentParams) -> Tensor | None:
         return jitter_plan(p.factors, p.order, p.jitter if self.jitter_p < 1 else None) if self.jitter_p > 0 else None
 
     def _transform(self, images: Tensor, p: AugmentParams, plan: Tensor | None) -> Tensor:
+        # a grey batch stays one channel until the end, as torchvision treats a 1-channel image: saturation, hue
+        # and grayscale leave it unchanged (3x fewer values, no hue pass); _views repeats it over 3 channels
         x = resized_crop_flip(images, p.boxes, p.flip, self.size)
-        x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x  # grey: crop one channel, then expand
         if self.gray_p > 0 and self.gray_first:
             x = grayscale(x, p.gray)
         if plan is not None:
@@ -488,7 +489,7 @@ class BatchAugment(nn.Module):
             x = resize_center_crop(x, round(self.size / self.center_crop_ratio), self.size)
             x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
         else:
-            x = self._transform(x, params, plan)
+            x = self._transform(x, params, plan).expand(-1, 3, -1, -1)
         return normalize(x, self.mean.to(x.dtype), self.std.to(x.dtype), out=out)
 
     def forward(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
