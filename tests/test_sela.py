@@ -313,3 +313,16 @@ def test_two_ranks_shard_sinkhorn_and_share_the_label_table(tmp_path):
 
     result = torchrun(str(HERE / "sela_dist_worker.py"), str(tmp_path), cwd=tmp_path)
     assert "rank 0: ok" in result.stdout and "rank 1: ok" in result.stdout
+
+
+def test_fashion_mnist_recipe_updates_labels_about_once_per_epoch():
+    from selfsup.cli import RECIPES
+    from selfsup.config import load_config
+
+    cfg = load_config(RECIPES / "sela_fashion_mnist.yaml")
+    assert cfg.method.name == "sela" and cfg.method.schedule == "linear" and cfg.method.hc >= 2
+    method = build_method(cfg, DataInfo(cfg.data.subset, 10))
+    steps = cfg.train.epochs * method.steps_per_epoch
+    updates = relabel_iterations(method.times, cfg.train.batch_size, steps)
+    assert updates[0] == 0 and cfg.train.epochs - 2 <= len(updates) <= cfg.train.epochs + 1
+    assert np.diff(updates).max() <= 1.2 * method.steps_per_epoch
