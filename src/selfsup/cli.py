@@ -41,6 +41,7 @@ def config_for_train(args: argparse.Namespace) -> Config:
 
         checkpoint = resolve_checkpoint(args.resume)
         raw = load_checkpoint(checkpoint)["config"]
+        raw.pop("launcher", None)  # how the run was started is no default for how it continues
         for word in words:
             set_dotted(raw, *parse_override(word))
         run_dir = checkpoint.parent
@@ -55,6 +56,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = config_for_train(args)
     if args.print_config:
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        return 0
+    if cfg.launcher.name != "local":
+        from selfsup.launch import submit
+
+        job = submit(cfg, resume=args.resume)
+        print(f"submitted job {job.job_id} ({cfg.launcher.name}); logs in {job.paths.folder}", flush=True)
         return 0
     train(cfg, resume=args.resume)
     return 0

@@ -72,7 +72,8 @@ class MethodConfig:
 class OptimConfig:
     name: str = "sgd"  # sgd | adamw
     lr: float = 0.03  # learning rate at the reference batch size below
-    reference_batch_size: int | None = None  # scale lr linearly by batch_size / this (None: no scaling)
+    reference_batch_size: int | None = None  # lr is set for this total batch (None: lr is used as given)
+    lr_scaling: str = "linear"  # with a reference: linear lr·B/ref | sqrt lr·sqrt(B/ref) | none
     momentum: float = 0.9
     weight_decay: float = 1e-4
     weight_decay_end: float | None = None  # cosine weight-decay schedule to this value per step (DINO/Mugs)
@@ -94,6 +95,7 @@ class TrainConfig:
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
     channels_last: bool | None = None  # None: on for CUDA
     compile: bool = False  # torch.compile the method
+    sync_bn: bool = False  # SyncBatchNorm across processes (CUDA, world size > 1); an alternative to MoCo's ShuffleBN
     threads: int | None = None  # torch intra-op threads on CPU (None: torch's default)
     drop_last: bool = True
     output_dir: str = "runs"
@@ -127,6 +129,26 @@ class EvalConfig:
 
 
 @dataclass
+class LauncherConfig:
+    """How ``selfsup train`` starts the run: here (``local``; torchrun also counts) or as a Slurm job (submitit)."""
+
+    name: str = "local"  # local | slurm
+    nodes: int = 1
+    gpus_per_node: int = 1  # also the number of tasks (processes) per node
+    cpus_per_task: int = 10
+    mem_gb: float | None = None  # None: the partition's default
+    time: str = "24h"  # wall-clock limit per job: 90m, 24h, or Slurm's [D-]HH:MM:SS
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    constraint: str | None = None
+    folder: str | None = None  # submitit logs and pickles (None: <run folder>/slurm)
+    requeue: bool = True  # on pre-emption or time-out: checkpoint, then requeue the job, which resumes
+    max_requeues: int = 3  # time-outs after which the job is not requeued again
+    signal_delay_s: int = 120  # Slurm signals the job this long before its time limit
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -134,6 +156,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return _plain(dataclasses.asdict(self))
@@ -199,13 +222,16 @@ def parse_override(word: str) -> tuple[str, Any]:
     return key, value
 
 
+NAMED_SECTIONS = ("method", "launcher")  # `method=msf`, `launcher=slurm`: the section's name alone
+
+
 def set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
     parts = key.split(".")
     node = raw
     for depth, part in enumerate(parts[:-1]):
         child = node.get(part)
         if child is None or not isinstance(child, dict):
-            if part == "method" and isinstance(child, str):
+            if depth == 0 and part in NAMED_SECTIONS and isinstance(child, str):
                 child = {"name": child}  # method=msf earlier, method.topk=5 now
             elif child is not None:
                 raise ConfigError(f"cannot set {key!r}: {'.'.join(parts[: depth + 1])!r} is not a section")
@@ -214,7 +240,7 @@ def set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
             node[part] = child
         node = child
     last = parts[-1]
-    if len(parts) == 1 and last == "method" and isinstance(value, str):
+    if len(parts) == 1 and last in NAMED_SECTIONS and isinstance(value, str):
         value = {"name": value}  # method=msf: that method with its paper defaults
     node[last] = value
 
@@ -224,6 +250,8 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
     method_raw = raw.pop("method", None)
     if isinstance(method_raw, str):
         method_raw = {"name": method_raw}
+    if isinstance(raw.get("launcher"), str):
+        raw["launcher"] = {"name": raw["launcher"]}
     cfg = _build(Config, raw, "")
     cfg.method = build_method_config(method_raw or {})
     return cfg

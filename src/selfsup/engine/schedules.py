@@ -46,8 +46,24 @@ def lr_schedule(cfg: OptimConfig, base_lr: float, epochs: float, steps_per_epoch
     return np.array([lr_at_step(cfg, base_lr, s, steps_per_epoch, epochs) for s in range(total)], dtype=np.float64)
 
 
+LR_SCALING = ("linear", "sqrt", "none")
+
+
 def scaled_lr(cfg: OptimConfig, batch_size: int) -> float:
-    """``lr`` scaled linearly by batch_size / reference_batch_size when a reference is set."""
-    if cfg.reference_batch_size:
-        return cfg.lr * batch_size / cfg.reference_batch_size
-    return cfg.lr
+    """The peak rate for a total batch of ``batch_size``: ``lr`` is set for ``reference_batch_size`` and scales
+    by ``optim.lr_scaling``: linear ``lr·B/ref`` (Goyal et al.), sqrt ``lr·sqrt(B/ref)``, or none."""
+    check_choice("optim.lr_scaling", cfg.lr_scaling, LR_SCALING)
+    if not cfg.reference_batch_size or cfg.lr_scaling == "none":
+        return cfg.lr
+    ratio = batch_size / cfg.reference_batch_size
+    return cfg.lr * (ratio if cfg.lr_scaling == "linear" else math.sqrt(ratio))
+
+
+def lr_scaling_rule(cfg: OptimConfig, batch_size: int) -> str:
+    """The rule in words, e.g. ``lr 0.002 x 16/256 (linear) = 0.000125``."""
+    base = scaled_lr(cfg, batch_size)
+    if not cfg.reference_batch_size or cfg.lr_scaling == "none":
+        return f"lr {base:g} (not scaled with the batch size)"
+    ratio = f"{batch_size}/{cfg.reference_batch_size}"
+    factor = ratio if cfg.lr_scaling == "linear" else f"sqrt({ratio})"
+    return f"lr {cfg.lr:g} x {factor} ({cfg.lr_scaling}) = {base:g}"

@@ -32,7 +32,7 @@ from selfsup.data.datasets import build_dataset
 from selfsup.data.loader import EpochSampler, ImageTensorDataset, ViewDataset
 from selfsup.engine.budget import TimeBudget, parse_duration
 from selfsup.engine.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
-from selfsup.engine.schedules import lr_at_epoch, lr_at_step, scaled_lr
+from selfsup.engine.schedules import lr_at_epoch, lr_at_step, lr_scaling_rule, scaled_lr
 from selfsup.eval.protocols import evaluate_backbone, format_scores
 from selfsup.methods import DataInfo, Method, build_method
 from selfsup.nn import distributed
@@ -86,6 +86,9 @@ class Trainer:
             raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by the {self.dist.world_size} "
                               "processes; it is the total batch over all of them")
         self.batch_per_rank = t.batch_size // self.dist.world_size
+        if t.sync_bn and self.dist.world_size > 1 and device.type != "cuda":
+            raise ConfigError(f"train.sync_bn=true needs CUDA: torch's SyncBatchNorm has no {device.type} path; keep "
+                              "per-process BatchNorm there (MoCo/BYOL/ISD/MSF: method.shuffle_bn=true, the default)")
 
         # data
         self.train_set = build_dataset(cfg.data, cfg.data.train_split)
@@ -121,10 +124,13 @@ class Trainer:
         # model, precision, optimiser, schedule
         self.channels_last = t.channels_last if t.channels_last is not None else device.type == "cuda"
         self.method.to(device)
+        if t.sync_bn and self.dist.world_size > 1:  # before DDP wraps it; one process has nothing to synchronise
+            self.method = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.method)
         if self.channels_last:
             self.method.to(memory_format=torch.channels_last)
         use_bf16 = t.precision == "bf16" or (t.precision == "auto" and device.type == "cuda")
         self.autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_bf16 else nullcontext
+        self.precision = "bf16" if use_bf16 else "fp32"
         self.optimizer = self._optimizer()
         self.base_lr = scaled_lr(cfg.optim, t.batch_size)
         self.model: torch.nn.Module = self.method
@@ -140,6 +146,7 @@ class Trainer:
         self.step_in_epoch = 0
         self._saved_at = (-1, -1)
         self.step_callbacks: list[Callable[[Trainer], None]] = []  # called after every step (benchmarks)
+        self.preemption_signals = PREEMPTION_SIGNALS  # a launcher may add its own (submitit's USR2)
         self.run_dir = self._run_dir()
         self.checkpoint_path = self.run_dir / CHECKPOINT_NAME
         resume = resume or t.resume
@@ -277,7 +284,8 @@ class Trainer:
         if self.batch_views:
             views = self._augment_on_device(views)
         with self.autocast():
-            out = self.model(self._to_device(views), indices.to(self.device), labels.to(self.device))
+            out = self.model(self._to_device(views), indices.to(self.device, non_blocking=True),
+                             labels.to(self.device, non_blocking=True))  # a blocking copy would wait for the GPU
         self.optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
         self.method.on_before_optimizer_step()
@@ -314,7 +322,7 @@ class Trainer:
         def note(signum, frame):  # only a flag here: the loop saves at the next step boundary
             self._signal = signum
 
-        return {signum: signal.signal(signum, note) for signum in PREEMPTION_SIGNALS}
+        return {signum: signal.signal(signum, note) for signum in self.preemption_signals}
 
     def _preempted(self) -> bool:
         flag = torch.tensor(float(self._signal is not None), device=self.device)
@@ -324,6 +332,9 @@ class Trainer:
         t = self.cfg.train
         if self.is_main:
             print(f"run folder: {self.run_dir}\n{self._summary()}\n{format_config(self.cfg)}", flush=True)
+        o = self.cfg.optim
+        self.log({"lr_scaling": o.lr_scaling if o.reference_batch_size else "none", "optim_lr": o.lr,
+                  "reference_batch_size": o.reference_batch_size, "batch_size": t.batch_size, "base_lr": self.base_lr})
         if self.budget_seconds is not None:
             self.budget = TimeBudget(self.budget_seconds, elapsed=self._seconds_done)
         last_save = time.monotonic()
@@ -426,7 +437,7 @@ class Trainer:
         return (f"{c.method.name} | {c.model.backbone} ({params / 1e6:.2f}M params) | {c.data.name}: "
                 f"{len(self.train_set)} images at {c.data.image_size}px, views {list(self.method.views)} | "
                 f"batch {c.train.batch_size} on {self.dist.world_size} process(es), {self.device} | "
-                f"{self._length()} | lr {self.base_lr:g} {c.optim.schedule}")
+                f"{self._length()} | {lr_scaling_rule(c.optim, c.train.batch_size)}, {c.optim.schedule}")
 
     def _length(self) -> str:
         if self.budget_seconds is not None:
