@@ -27,6 +27,13 @@ def main() -> None:
     pieces = distributed.gather(shuffled)
     assert sorted(pieces[:, 0].tolist()) == list(range(8)), pieces
     assert torch.equal(distributed.batch_unshuffle(shuffled, inverse), x)
+    # SyncBatchNorm has no CPU path in this torch: why train.sync_bn=true is a ConfigError for CPU processes
+    try:
+        torch.nn.SyncBatchNorm(2).train()(torch.randn(4, 2, 3, 3))
+    except ValueError as error:
+        assert "SyncBatchNorm" in str(error), error
+    else:
+        raise AssertionError("SyncBatchNorm ran on CPU: train.sync_bn could be allowed there (see Trainer)")
     dist.barrier()
     print(f"rank {r}: ok", flush=True)
     distributed.shutdown()

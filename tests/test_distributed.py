@@ -1,9 +1,10 @@
 """Two CPU processes with gloo under torchrun: gathers, ShuffleBN, and a DDP MoCo run whose queue holds
-the keys of both ranks."""
+the keys of both ranks; the multi-node command line as two one-process "nodes" on this machine."""
 
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -50,3 +51,23 @@ def test_ddp_moco_queue_holds_keys_from_both_ranks(tmp_path):
     first_two_global_batches = [i for i, _ in list(sampler)[:64]]
     assert torch.equal(queue_labels[:64], targets[first_two_global_batches])
     assert (queue_labels[64:] == -1).all()
+
+
+def test_two_nodes_static_rendezvous_on_one_machine(tmp_path):
+    """The README's multi-node command (--nnodes --node_rank --rdzv-endpoint), two one-process nodes here."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(
+        [str(HERE.parent / "src"), os.environ.get("PYTHONPATH", "")])}
+    words = [*TINY, "train.max_steps=2", f"train.output_dir={tmp_path}", "train.threads=1"]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+                f"--rdzv-endpoint=127.0.0.1:{port}"]
+    nodes = [subprocess.Popen([*launcher, f"--node_rank={rank}", "-m", "selfsup", "train", *words], cwd=tmp_path,
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+    for node in nodes:
+        out, err = node.communicate(timeout=240)
+        assert node.returncode == 0, out[-3000:] + err[-3000:]
+    state = load_checkpoint(tmp_path / "run")
+    assert state["step"] == 2
+    assert state["method"]["queue.ptr"].item() == 64  # 2 steps x global batch 32: both nodes' keys
