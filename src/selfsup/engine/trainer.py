@@ -130,7 +130,6 @@ class Trainer:
             self.method.to(memory_format=torch.channels_last)
         use_bf16 = t.precision == "bf16" or (t.precision == "auto" and device.type == "cuda")
         self.autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_bf16 else nullcontext
-        self.precision = "bf16" if use_bf16 else "fp32"
         self.optimizer = self._optimizer()
         self.base_lr = scaled_lr(cfg.optim, t.batch_size)
         self.model: torch.nn.Module = self.method
