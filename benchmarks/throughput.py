@@ -7,7 +7,8 @@
         --synthetic --compile                                               # the ResNet-50 @ 224 figure (GPU)
 
 Every combination builds the real :class:`~selfsup.engine.trainer.Trainer` from the recipe (default: quickstart)
-plus ``method=M model.backbone=B train.batch_size=N data.image_size=S data.augment=A`` and the given overrides, so
+plus ``method=M model.backbone=B train.batch_size=N data.image_size=S data.augment=A`` (and the CIFAR stem below
+128 px, the ImageNet stem from 128 px: ``model.small_stem``) and the given overrides, so
 precision (bf16 on CUDA), channels_last, fused optimisers and ``torch.compile`` are the trainer's own. It runs
 ``--warmup`` steps, then times ``--steps`` calls of ``Trainer.train_step``: *data* is the wait for the next batch
 from the trainer's DataLoader (PIL augmentation for ``per_sample``; uint8 images only for ``batch``), *step* is the
@@ -143,6 +144,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                                                                   args.augment):
             words = [f"method={method}", f"model.backbone={backbone}", f"train.batch_size={batch}",
                      f"data.image_size={args.image_size}", f"data.augment={augment}", f"train.device={args.device}",
+                     f"model.small_stem={str(args.image_size < 128).lower()}",  # ImageNet stem from 128 px
                      f"train.compile={str(args.compile).lower()}", "train.progress_bar=false", "eval.at_end=false",
                      f"train.output_dir={output}", f"train.run_name={method}-{backbone}-{batch}-{augment}",
                      *([f"train.threads={args.threads}"] if args.threads else []), *args.overrides]
@@ -151,7 +153,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             if trainer.steps_per_epoch == 0:
                 raise SystemExit(f"batch {batch} is larger than the {len(trainer.train_set)} training images")
             row = {"device": device_name(trainer.device), "method": method, "backbone": backbone,
-                   "image_size": args.image_size, "batch": batch, "augment": augment,
+                   "small_stem": cfg.model.small_stem, "image_size": args.image_size, "batch": batch,
+                   "augment": augment,
                    "synthetic": args.synthetic, "data": cfg.data.name, "num_workers": cfg.data.num_workers,
                    "precision": "fp32" if trainer.autocast is nullcontext else "bf16",
                    "channels_last": trainer.channels_last, "compile": cfg.train.compile,
