@@ -343,6 +343,36 @@ def test_attention_maps_are_written_as_png(tmp_path, straight_run):
         assert png.format == "PNG" and png.size == (zoom * 16 * (1 + 2), zoom * 16)
 
 
+def test_linear_probe_reads_the_cls_of_the_last_blocks_of_a_vit(tmp_path):
+    from selfsup.config import ConfigError
+    from selfsup.eval.protocols import evaluate_backbone, linear_probe_features
+
+    torch.manual_seed(0)
+    cfg = mugs_config(tmp_path, "model.depth=3", "eval.linear_vit_blocks=2")
+    vit = build_method(cfg, DataInfo(128, 10)).backbone.eval()
+    x = torch.randn(5, 3, 16, 16)
+    with torch.no_grad():
+        tokens = vit.norm_pre(vit._pos_embed(vit.patch_embed(x)))
+        per_block = []
+        for block in vit.blocks:  # by hand: the final LayerNorm on each block's output, CLS row
+            tokens = block(tokens)
+            per_block.append(vit.norm(tokens))
+        features = linear_probe_features(vit, cfg)(x)
+        assert torch.allclose(features, torch.cat([per_block[1][:, 0], per_block[2][:, 0]], dim=1), atol=1e-6)
+        cfg.eval.linear_vit_blocks, cfg.eval.linear_vit_avgpool = 1, True
+        pooled = linear_probe_features(vit, cfg)(x)
+        assert torch.allclose(pooled, torch.cat([per_block[2][:, 0], per_block[2][:, 1:].mean(dim=1)], dim=1),
+                              atol=1e-6)
+    cfg.eval.linear_vit_blocks = 4
+    with pytest.raises(ConfigError, match="linear_vit_blocks"):
+        linear_probe_features(vit, cfg)
+    resnet = torch.nn.Conv2d(3, 4, 3)
+    assert linear_probe_features(resnet, cfg) is resnet  # other backbones are probed as they are
+    cfg.eval.linear_vit_blocks, cfg.eval.linear_vit_avgpool = 2, False
+    scores = evaluate_backbone(vit, cfg, "cpu", ["knn", "linear"])
+    assert {"knn20_vote", "linear_top1", "linear_top5"} <= set(scores)
+
+
 # ------------------------------------------------------------------------------------------------ recipes
 
 

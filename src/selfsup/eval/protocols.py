@@ -5,6 +5,7 @@
 - ``cluster``: k-means (k = number of classes) on the held-out features → NMI, adjusted NMI, ARI, label accuracy;
 - ``align``: MSF/CompRess cluster alignment (k-means on train, Hungarian map from train, accuracy on held-out);
 - ``linear``: linear probe (``eval.linear_mode``: fast on cached features, or standard as the papers) → top-1/top-5.
+  A ViT's probe sees the CLS tokens of its last ``eval.linear_vit_blocks`` blocks (:func:`linear_probe_features`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from selfsup.eval.clustering import cluster_alignment, clustering_scores, kmeans
 from selfsup.eval.features import extract_features
 from selfsup.eval.knn import knn_sweep
 from selfsup.eval.linear import LINEAR_MODES, linear_probe_fast, linear_probe_standard
+from selfsup.models.vit import LastBlocksCLS, ViT
 
 PROTOCOLS = ("knn", "nn", "cluster", "align", "linear")
 
@@ -43,6 +45,17 @@ def feature_loader(cfg: Config, split: str) -> tuple[DataLoader, int]:
     return loader, dataset.num_classes
 
 
+def linear_probe_features(backbone: nn.Module, cfg: Config) -> nn.Module:
+    """What the linear probe reads: for a ViT the normed CLS tokens of its last ``eval.linear_vit_blocks`` blocks
+    (and the mean patch token with ``eval.linear_vit_avgpool``), as Mugs/DINO evaluate; otherwise the backbone."""
+    if isinstance(backbone, ViT):
+        if not 1 <= cfg.eval.linear_vit_blocks <= len(backbone.blocks):
+            raise ConfigError(f"eval.linear_vit_blocks must be in [1, {len(backbone.blocks)}] (the ViT's depth), "
+                              f"got {cfg.eval.linear_vit_blocks}")
+        return LastBlocksCLS(backbone, cfg.eval.linear_vit_blocks, cfg.eval.linear_vit_avgpool)
+    return backbone
+
+
 def evaluate_backbone(backbone: nn.Module, cfg: Config, device: torch.device | str,
                       protocols: list[str], *, progress: bool = False) -> dict[str, float]:
     """Scores in percent, e.g. ``{"knn20_T0.07": …, "knn20_vote": …, "nn": …, "linear_top1": …}``."""
@@ -54,8 +67,8 @@ def evaluate_backbone(backbone: nn.Module, cfg: Config, device: torch.device | s
         scores.update(_feature_scores(backbone, cfg, device, protocols, progress))
     if standard_linear:
         e = cfg.eval
-        result = linear_probe_standard(backbone, cfg, device, recipe=e.linear_recipe, epochs=e.linear_epochs,
-                                       ten_crop=e.linear_ten_crop, progress=progress)
+        result = linear_probe_standard(linear_probe_features(backbone, cfg), cfg, device, recipe=e.linear_recipe,
+                                       epochs=e.linear_epochs, ten_crop=e.linear_ten_crop, progress=progress)
         scores.update(result.scores())
     return scores
 
@@ -78,6 +91,10 @@ def _feature_scores(backbone: nn.Module, cfg: Config, device: torch.device | str
         scores.update(cluster_alignment(train_x.to(device), train_y, val_x, val_y, seed=cfg.train.seed))
     if "linear" in protocols and cfg.eval.linear_mode == "fast":
         e = cfg.eval
+        probed = linear_probe_features(backbone, cfg)
+        if probed is not backbone:
+            raw_train_x, _ = extract_features(probed, train_loader, device, normalize=False, progress=progress)
+            raw_val_x, _ = extract_features(probed, val_loader, device, normalize=False, progress=progress)
         result = linear_probe_fast(raw_train_x, train_y, raw_val_x, val_y, num_classes, device=device,
                                    standardize=e.linear_standardize, weight_decays=e.linear_weight_decays,
                                    holdout=e.linear_holdout, seed=cfg.train.seed)
