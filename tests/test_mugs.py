@@ -363,7 +363,10 @@ def test_linear_probe_reads_the_cls_of_the_last_blocks_of_a_vit(tmp_path):
         pooled = linear_probe_features(vit, cfg)(x)
         assert torch.allclose(pooled, torch.cat([per_block[2][:, 0], per_block[2][:, 1:].mean(dim=1)], dim=1),
                               atol=1e-6)
-    cfg.eval.linear_vit_blocks = 4
+    cfg.eval.linear_vit_blocks, cfg.eval.linear_vit_avgpool = 4, False  # deeper than the ViT: all its blocks
+    assert torch.allclose(linear_probe_features(vit, cfg)(x), torch.cat([b[:, 0] for b in per_block], dim=1),
+                          atol=1e-6)
+    cfg.eval.linear_vit_blocks = 0
     with pytest.raises(ConfigError, match="linear_vit_blocks"):
         linear_probe_features(vit, cfg)
     resnet = torch.nn.Conv2d(3, 4, 3)

@@ -126,7 +126,7 @@ class EvalConfig:
     linear_standardize: bool = True  # fast: L2-normalise + standardise with train mean/var (UMBC) before the fit
     linear_holdout: float = 0.2  # fast: fraction of the train split held out to choose the weight decay
     linear_weight_decays: list[float] = field(default_factory=lambda: [1e-6, 1e-5, 1e-4, 1e-3, 1e-2])  # fast: grid
-    linear_vit_blocks: int = 4  # ViT backbones: the probe sees the normed CLS of the last n blocks (Mugs/DINO ViT-S)
+    linear_vit_blocks: int = 4  # ViT: the probe sees the normed CLS of the last n blocks (Mugs/DINO ViT-S; capped)
     linear_vit_avgpool: bool = False  # ViT: append the mean patch token of the last block (their ViT-B, n = 1)
 
 

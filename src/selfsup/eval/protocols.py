@@ -47,12 +47,13 @@ def feature_loader(cfg: Config, split: str) -> tuple[DataLoader, int]:
 
 def linear_probe_features(backbone: nn.Module, cfg: Config) -> nn.Module:
     """What the linear probe reads: for a ViT the normed CLS tokens of its last ``eval.linear_vit_blocks`` blocks
-    (and the mean patch token with ``eval.linear_vit_avgpool``), as Mugs/DINO evaluate; otherwise the backbone."""
+    (all blocks of a shallower ViT; with ``eval.linear_vit_avgpool`` also the mean patch token), as Mugs/DINO
+    evaluate; otherwise the backbone."""
     if isinstance(backbone, ViT):
-        if not 1 <= cfg.eval.linear_vit_blocks <= len(backbone.blocks):
-            raise ConfigError(f"eval.linear_vit_blocks must be in [1, {len(backbone.blocks)}] (the ViT's depth), "
-                              f"got {cfg.eval.linear_vit_blocks}")
-        return LastBlocksCLS(backbone, cfg.eval.linear_vit_blocks, cfg.eval.linear_vit_avgpool)
+        if cfg.eval.linear_vit_blocks < 1:
+            raise ConfigError(f"eval.linear_vit_blocks must be at least 1, got {cfg.eval.linear_vit_blocks}")
+        blocks = min(cfg.eval.linear_vit_blocks, len(backbone.blocks))
+        return LastBlocksCLS(backbone, blocks, cfg.eval.linear_vit_avgpool)
     return backbone
 
 
