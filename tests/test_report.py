@@ -159,3 +159,17 @@ def test_report_renders_in_headless_chromium(tiny_run, tmp_path):
     # matplotlib's default line colour (tab:blue, #1f77b4) appears only inside the plots: they were drawn
     tab_blue = np.abs(pixels - [31, 119, 180]).sum(1) < 30
     assert tab_blue.sum() > 200
+
+
+def test_a_failing_browser_is_one_clear_error_and_the_report_is_kept(tiny_run, tmp_path, monkeypatch, capsys):
+    broken = tmp_path / "chromium"
+    broken.write_text("#!/bin/sh\necho 'cannot open display' >&2\nexit 3\n")
+    broken.chmod(0o755)
+    monkeypatch.setattr("selfsup.eval.report.find_chromium", lambda: str(broken))
+    out = tmp_path / "page.html"
+    code = main(["report", str(tiny_run), "--out", str(out), "--max-points", "100", "--device", "cpu",
+                 "--screenshot", str(tmp_path / "shot.png")])
+    err = capsys.readouterr().err
+    assert code == 1 and out.is_file() and not (tmp_path / "shot.png").exists()
+    assert "exited with 3" in err and "cannot open display" in err and str(out) in err
+    assert "Traceback" not in err

@@ -118,13 +118,17 @@ def cmd_labels(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from selfsup.eval.report import build_report, render_in_chromium
+    from selfsup.eval.report import ChromiumError, build_report, render_in_chromium
 
     path = build_report(args.run, args.out, embedding=args.embedding, max_points=args.max_points, device=args.device,
                         overrides=args.words)
     print(f"wrote {path}")
     if args.screenshot:
-        render_in_chromium(path, screenshot=args.screenshot, window=(1280, args.screenshot_height))
+        try:
+            render_in_chromium(path, screenshot=args.screenshot, window=(1280, args.screenshot_height))
+        except ChromiumError as error:
+            print(f"selfsup: error: no screenshot ({error}); the report itself is complete: {path}", file=sys.stderr)
+            return 1
         print(f"wrote {args.screenshot} (headless Chromium)")
     return 0
 

@@ -491,6 +491,10 @@ def find_chromium() -> str | None:
     return None
 
 
+class ChromiumError(RuntimeError):
+    """Headless Chromium did not render the page (the report file itself is already written)."""
+
+
 def render_in_chromium(page: str | Path, *, screenshot: str | Path | None = None, window: tuple[int, int] = (1280, 900),
                        browser: str | None = None, timeout: float = 120.0) -> str:
     """Open ``page`` in headless Chromium (offline-safe flags, a fresh profile): with ``screenshot`` write a PNG of
@@ -501,9 +505,13 @@ def render_in_chromium(page: str | Path, *, screenshot: str | Path | None = None
     with tempfile.TemporaryDirectory(prefix="selfsup-chromium-") as profile:
         command = [browser, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", f"--window-size={window[0]},{window[1]}"]
         command += [f"--screenshot={Path(screenshot).resolve()}"] if screenshot else ["--dump-dom"]
-        done = subprocess.run([*command, Path(page).resolve().as_uri()], capture_output=True, text=True,
-                              timeout=timeout, check=False)
+        try:
+            done = subprocess.run([*command, Path(page).resolve().as_uri()], capture_output=True, text=True,
+                                  timeout=timeout, check=False)
+        except subprocess.TimeoutExpired as error:
+            raise ChromiumError(f"{browser} did not finish within {timeout:g} s") from error
     if done.returncode != 0 or (screenshot and not Path(screenshot).is_file()):
-        raise RuntimeError(f"chromium failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
+        raise ChromiumError(f"{browser} exited with {done.returncode} and wrote no page/picture: "
+                            f"{done.stderr.strip()[-2000:] or 'no message'}")
     return "" if screenshot else done.stdout
 
