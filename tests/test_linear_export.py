@@ -164,6 +164,23 @@ def test_export_of_a_run_loads_strictly_with_the_same_features(tmp_path, suffix)
     assert _features_equal(plain, trainer.method.backbone, size=16)
 
 
+def test_eval_of_an_exported_backbone_file_equals_the_runs_scores(tmp_path, capsys):
+    trainer = Trainer(tiny_config(tmp_path, "train.max_steps=3"))
+    trainer.fit()
+    run = tmp_path / "run"
+    assert main(["eval", str(run), "--protocol", "knn,nn", "--random-init"]) == 0
+    expected = json.loads((run / "eval.json").read_text())
+    data = [w for w in TINY if w.startswith("data.")]
+    for suffix in (".safetensors", ".pt"):
+        out = tmp_path / f"backbone{suffix}"
+        assert main(["export", str(run), str(out)]) == 0
+        assert main(["eval", str(out), *data, "--protocol", "knn,nn", "--random-init"]) == 0
+        assert json.loads((tmp_path / f"backbone{suffix}.eval.json").read_text()) == expected
+    assert "backbone file, data digits" in capsys.readouterr().out
+    assert main(["eval", str(tmp_path / "backbone.pt"), "data.nmae=digits"]) == 2  # overrides are checked
+    assert "data.name" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("small_stem", [False, True])
 def test_resnet18_export_loads_into_plain_torchvision(tmp_path, small_stem):
     trainer = Trainer(tiny_config(tmp_path, "model.backbone=resnet18", f"model.small_stem={str(small_stem).lower()}"))

@@ -150,7 +150,7 @@ def parser() -> argparse.ArgumentParser:
                    help="continue a run exactly where it stopped (its saved config, plus overrides)")
     t.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     t.set_defaults(func=cmd_train)
-    e = sub.add_parser("eval", help="evaluate the backbone of a run or checkpoint")
+    e = sub.add_parser("eval", help="evaluate the backbone of a run, a checkpoint or an exported backbone file")
     e.add_argument("checkpoint", metavar="RUN_OR_CHECKPOINT")
     e.add_argument("words", nargs="*", metavar="key=value", help="overrides, e.g. data.path=... eval.knn_k=200")
     e.add_argument("--protocol", default="knn,nn",

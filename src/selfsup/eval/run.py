@@ -1,8 +1,10 @@
-"""Evaluate a saved run or checkpoint: rebuild its method from the saved config, load the weights."""
+"""Evaluate a saved run or checkpoint (rebuild its method from the saved config, load the weights), or a backbone
+file written by ``selfsup export`` / ``selfsup import`` (the data set then comes from ``key=value`` overrides)."""
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -17,11 +19,12 @@ from selfsup.eval.protocols import check_protocols, evaluate_backbone, format_sc
 from selfsup.methods import DataInfo, Method, build_method
 
 
-def load_run(path: str | Path, overrides: list[str] | None = None) -> tuple[Path, dict, Config, Method, nn.Module]:
+def load_run(path: str | Path, overrides: list[str] | None = None, state: dict | None = None,
+             ) -> tuple[Path, dict, Config, Method, nn.Module]:
     """(checkpoint file, its state, the run's config with ``overrides``, the method with the saved weights,
-    the backbone at its seeded initial weights) for a run folder or checkpoint."""
+    the backbone at its seeded initial weights) for a run folder or checkpoint (``state``: already loaded)."""
     checkpoint = resolve_checkpoint(path)
-    state = load_checkpoint(checkpoint)
+    state = state if state is not None else load_checkpoint(checkpoint)
     if "config" not in state or "method" not in state:
         raise CheckpointError(f"{checkpoint} has no 'config'/'method' entries: it is not a selfsup run checkpoint")
     raw = copy.deepcopy(state["config"])
@@ -36,17 +39,42 @@ def load_run(path: str | Path, overrides: list[str] | None = None) -> tuple[Path
     return checkpoint, state, cfg, method, initial
 
 
+def load_backbone_file(path: str | Path, overrides: list[str] | None = None) -> tuple[Config, nn.Module, nn.Module]:
+    """(config: defaults + the file's model + ``overrides``, the loaded backbone, the same one freshly seeded)."""
+    from selfsup.export import build_from_info, load_strict, read_backbone
+
+    state, info = read_backbone(path)
+    raw: dict[str, Any] = {"model": dataclasses.asdict(info.model_config())}
+    for word in overrides or []:
+        set_dotted(raw, *parse_override(word))
+    cfg = config_from_dict(raw)
+    seed_everything(cfg.train.seed)
+    initial = build_from_info(info).eval()
+    backbone = copy.deepcopy(initial)
+    load_strict(backbone, state, f"{path} does not fit {info.backbone}")
+    return cfg, backbone, initial
+
+
 def evaluate_checkpoint(path: str | Path, protocols: list[str], overrides: list[str] | None = None, *,
                         random_init: bool = False, device: str | None = None) -> dict[str, Any]:
+    """Score a run, a checkpoint or a backbone file; scores merge into the run's ``eval.json`` (for a backbone
+    file: ``<file>.eval.json`` beside it)."""
     check_protocols(protocols)
-    checkpoint, state, cfg, method, initial = load_run(path, overrides)
+    state = None if Path(path).suffix == ".safetensors" else load_checkpoint(path)
+    if state is None or "selfsup" in state:  # a backbone file (export/import metadata)
+        cfg, backbone, initial = load_backbone_file(path, overrides)
+        what, out = f"{path} (backbone file, data {cfg.data.name})", Path(f"{path}.eval.json")
+    else:
+        checkpoint, state, cfg, method, initial = load_run(path, overrides, state)
+        backbone = method.backbone
+        what = f"{checkpoint} (epoch {state.get('epoch')}, step {state.get('step')})"
+        out = checkpoint.parent / "eval.json"
     target = resolve_device(device or cfg.train.device)
-    results = {"trained": evaluate_backbone(method.backbone, cfg, target, protocols, progress=True)}
+    results = {"trained": evaluate_backbone(backbone, cfg, target, protocols, progress=True)}
     if random_init:
         results["random_init"] = evaluate_backbone(initial, cfg, target, protocols, progress=True)
-    print(f"{checkpoint} (epoch {state.get('epoch')}, step {state.get('step')})")
+    print(what)
     print(format_scores(results))
-    out = checkpoint.parent / "eval.json"
     previous = json.loads(out.read_text()) if out.is_file() else {}
     for column, scores in results.items():  # keep scores of other protocols from earlier evaluations
         previous.setdefault(column, {}).update(scores)
