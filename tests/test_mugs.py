@@ -371,9 +371,14 @@ def test_linear_probe_reads_the_cls_of_the_last_blocks_of_a_vit(tmp_path):
         linear_probe_features(vit, cfg)
     resnet = torch.nn.Conv2d(3, 4, 3)
     assert linear_probe_features(resnet, cfg) is resnet  # other backbones are probed as they are
-    cfg.eval.linear_vit_blocks, cfg.eval.linear_vit_avgpool = 2, False
+    cfg.eval.linear_vit_blocks, cfg.eval.linear_vit_avgpool = 2, True
+    probe = linear_probe_features(vit, cfg)
+    with torch.no_grad():
+        assert torch.equal(probe.final_cls(probe(x)), vit(x))  # kNN's CLS is read from the probe's one pass
     scores = evaluate_backbone(vit, cfg, "cpu", ["knn", "linear"])
     assert {"knn20_vote", "linear_top1", "linear_top5"} <= set(scores)
+    knn_only = evaluate_backbone(vit, cfg, "cpu", ["knn"])
+    assert knn_only == {k: v for k, v in scores.items() if k in knn_only}
 
 
 # ------------------------------------------------------------------------------------------------ recipes

@@ -49,11 +49,16 @@ def lr_schedule(cfg: OptimConfig, base_lr: float, epochs: float, steps_per_epoch
 LR_SCALING = ("linear", "sqrt", "none")
 
 
+def lr_scaling_in_effect(cfg: OptimConfig) -> str:
+    """``optim.lr_scaling``, or "none" when no ``reference_batch_size`` is set (``lr`` is then used as given)."""
+    check_choice("optim.lr_scaling", cfg.lr_scaling, LR_SCALING)
+    return cfg.lr_scaling if cfg.reference_batch_size else "none"
+
+
 def scaled_lr(cfg: OptimConfig, batch_size: int) -> float:
     """The peak rate for a total batch of ``batch_size``: ``lr`` is set for ``reference_batch_size`` and scales
     by ``optim.lr_scaling``: linear ``lr·B/ref`` (Goyal et al.), sqrt ``lr·sqrt(B/ref)``, or none."""
-    check_choice("optim.lr_scaling", cfg.lr_scaling, LR_SCALING)
-    if not cfg.reference_batch_size or cfg.lr_scaling == "none":
+    if lr_scaling_in_effect(cfg) == "none":
         return cfg.lr
     ratio = batch_size / cfg.reference_batch_size
     return cfg.lr * (ratio if cfg.lr_scaling == "linear" else math.sqrt(ratio))
@@ -62,7 +67,7 @@ def scaled_lr(cfg: OptimConfig, batch_size: int) -> float:
 def lr_scaling_rule(cfg: OptimConfig, batch_size: int) -> str:
     """The rule in words, e.g. ``lr 0.002 x 16/256 (linear) = 0.000125``."""
     base = scaled_lr(cfg, batch_size)
-    if not cfg.reference_batch_size or cfg.lr_scaling == "none":
+    if lr_scaling_in_effect(cfg) == "none":
         return f"lr {base:g} (not scaled with the batch size)"
     ratio = f"{batch_size}/{cfg.reference_batch_size}"
     factor = ratio if cfg.lr_scaling == "linear" else f"sqrt({ratio})"

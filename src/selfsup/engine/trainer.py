@@ -32,7 +32,7 @@ from selfsup.data.datasets import build_dataset
 from selfsup.data.loader import EpochSampler, ImageTensorDataset, ViewDataset
 from selfsup.engine.budget import TimeBudget, parse_duration
 from selfsup.engine.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
-from selfsup.engine.schedules import lr_at_epoch, lr_at_step, lr_scaling_rule, scaled_lr
+from selfsup.engine.schedules import lr_at_epoch, lr_at_step, lr_scaling_in_effect, lr_scaling_rule, scaled_lr
 from selfsup.eval.protocols import evaluate_backbone, format_scores
 from selfsup.methods import DataInfo, Method, build_method
 from selfsup.nn import distributed
@@ -332,7 +332,7 @@ class Trainer:
         if self.is_main:
             print(f"run folder: {self.run_dir}\n{self._summary()}\n{format_config(self.cfg)}", flush=True)
         o = self.cfg.optim
-        self.log({"lr_scaling": o.lr_scaling if o.reference_batch_size else "none", "optim_lr": o.lr,
+        self.log({"lr_scaling": lr_scaling_in_effect(o), "optim_lr": o.lr,
                   "reference_batch_size": o.reference_batch_size, "batch_size": t.batch_size, "base_lr": self.base_lr})
         if self.budget_seconds is not None:
             self.budget = TimeBudget(self.budget_seconds, elapsed=self._seconds_done)

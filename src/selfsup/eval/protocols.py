@@ -76,11 +76,17 @@ def evaluate_backbone(backbone: nn.Module, cfg: Config, device: torch.device | s
 
 def _feature_scores(backbone: nn.Module, cfg: Config, device: torch.device | str, protocols: list[str],
                     progress: bool) -> dict[str, float]:
-    """The protocols that work on eval-transform features, extracted once (raw; L2-normalised for kNN/k-means)."""
+    """The protocols that work on eval-transform features, extracted once (raw; L2-normalised for kNN/k-means).
+    A ViT probed on its last blocks gives both in that one pass: the probe's features and, inside them, the CLS."""
+    fast_linear = "linear" in protocols and cfg.eval.linear_mode == "fast"
+    probed = linear_probe_features(backbone, cfg) if fast_linear else backbone
     train_loader, num_classes = feature_loader(cfg, cfg.data.train_split)
     val_loader, _ = feature_loader(cfg, cfg.data.val_split)
-    raw_train_x, train_y = extract_features(backbone, train_loader, device, normalize=False, progress=progress)
-    raw_val_x, val_y = extract_features(backbone, val_loader, device, normalize=False, progress=progress)
+    probe_train_x, train_y = extract_features(probed, train_loader, device, normalize=False, progress=progress)
+    probe_val_x, val_y = extract_features(probed, val_loader, device, normalize=False, progress=progress)
+    raw_train_x, raw_val_x = probe_train_x, probe_val_x
+    if isinstance(probed, LastBlocksCLS):
+        raw_train_x, raw_val_x = probed.final_cls(probe_train_x), probed.final_cls(probe_val_x)
     train_x, val_x = F.normalize(raw_train_x, dim=1), F.normalize(raw_val_x, dim=1)
     scores: dict[str, float] = {}
     if "knn" in protocols or "nn" in protocols:
@@ -90,13 +96,9 @@ def _feature_scores(backbone: nn.Module, cfg: Config, device: torch.device | str
         scores.update({f"cluster_{k}": v for k, v in clustering_scores(assign.cpu().numpy(), val_y.numpy()).items()})
     if "align" in protocols:
         scores.update(cluster_alignment(train_x.to(device), train_y, val_x, val_y, seed=cfg.train.seed))
-    if "linear" in protocols and cfg.eval.linear_mode == "fast":
+    if fast_linear:
         e = cfg.eval
-        probed = linear_probe_features(backbone, cfg)
-        if probed is not backbone:
-            raw_train_x, _ = extract_features(probed, train_loader, device, normalize=False, progress=progress)
-            raw_val_x, _ = extract_features(probed, val_loader, device, normalize=False, progress=progress)
-        result = linear_probe_fast(raw_train_x, train_y, raw_val_x, val_y, num_classes, device=device,
+        result = linear_probe_fast(probe_train_x, train_y, probe_val_x, val_y, num_classes, device=device,
                                    standardize=e.linear_standardize, weight_decays=e.linear_weight_decays,
                                    holdout=e.linear_holdout, seed=cfg.train.seed)
         scores.update(result.scores())

@@ -97,6 +97,11 @@ class LastBlocksCLS(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.vit.last_blocks_cls(x, self.n, self.avgpool)
 
+    def final_cls(self, features: torch.Tensor) -> torch.Tensor:
+        """The columns of ``forward``'s output that are the last block's normed CLS token, i.e. ``vit(x)``."""
+        dim = self.vit.embed_dim
+        return features[:, (self.n - 1) * dim:self.n * dim]
+
 
 def set_drop_path(module: nn.Module, rate: float) -> None:
     """Set every stochastic-depth layer in ``module`` to ``rate`` (a Mugs/DINO teacher uses 0)."""
