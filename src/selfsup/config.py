@@ -13,6 +13,7 @@ import difflib
 import types
 import typing
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Union
 
@@ -162,6 +163,10 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         return _plain(dataclasses.asdict(self))
+
+    def run_name(self) -> str:
+        """``train.run_name``, or ``<method>-<data>-<start time>`` when it is not set."""
+        return self.train.run_name or f"{self.method.name}-{self.data.name}-{datetime.now():%Y%m%d-%H%M%S}"
 
 
 # ---------------------------------------------------------------------------------------------

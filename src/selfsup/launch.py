@@ -19,7 +19,6 @@ import re
 import signal
 import zlib
 from collections.abc import Mapping
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -111,7 +110,7 @@ def job_config(cfg: Config, resume: str | Path | None = None) -> dict[str, Any]:
     """The config a job trains: a fixed run folder (a requeued job must find it) and ``resume`` (default auto)."""
     raw = cfg.to_dict()
     train = raw["train"]
-    train["run_name"] = train["run_name"] or f"{cfg.method.name}-{cfg.data.name}-{datetime.now():%Y%m%d-%H%M%S}"
+    train["run_name"] = cfg.run_name()
     train["resume"] = str(resume) if resume else (train["resume"] or "auto")
     return raw
 

@@ -15,7 +15,6 @@ import threading
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -167,7 +166,7 @@ class Trainer:
 
     def _run_dir(self) -> Path:
         t = self.cfg.train
-        name = t.run_name or f"{self.cfg.method.name}-{self.cfg.data.name}-{datetime.now():%Y%m%d-%H%M%S}"
+        name = self.cfg.run_name()
         if self.dist.world_size > 1:  # every rank must agree on rank 0's timestamp
             holder = [name]
             dist.broadcast_object_list(holder, src=0)
