@@ -37,12 +37,17 @@ def hot_colours(values: np.ndarray) -> np.ndarray:
     return (255 * rgb).round().astype(np.uint8)
 
 
+def unnormalise(images: torch.Tensor, mean, std) -> np.ndarray:
+    """(B, 3, H, W) normalised tensors → (B, H, W, 3) float32 in [0, 1]: the images as they were shown."""
+    rgb = images.cpu().float() * torch.tensor(std).view(1, 3, 1, 1) + torch.tensor(mean).view(1, 3, 1, 1)
+    return rgb.clamp(0, 1).permute(0, 2, 3, 1).numpy()
+
+
 def attention_panel(image: torch.Tensor, maps: torch.Tensor, mean, std, scale: int = 1,
                     alpha: float = 0.6) -> Image.Image:
     """One PNG row: the de-normalised input (3, H, W), then each head's map (h, w) upsampled and blended."""
     height, width = image.shape[-2:]
-    rgb = image.cpu().float() * torch.tensor(std).view(3, 1, 1) + torch.tensor(mean).view(3, 1, 1)
-    base = (rgb.clamp(0, 1).permute(1, 2, 0).numpy() * 255).astype(np.float64)
+    base = (unnormalise(image[None], mean, std)[0] * 255).astype(np.float64)
     tiles = [base]
     for head in F.interpolate(maps[None].cpu().float(), size=(height, width), mode="nearest")[0]:
         lo, hi = head.min(), head.max()

@@ -117,12 +117,14 @@ def _knn_scores(cfg: Config, protocols: list[str], train_x, train_y, val_x, val_
     return {key: value for key, value in scores.items() if key in wanted}
 
 
+def score_names(results: dict[str, dict[str, Any]]) -> list[str]:
+    """Every score name of every column, in first-seen order (the rows of a score table)."""
+    return list(dict.fromkeys(name for scores in results.values() for name in scores))
+
+
 def format_scores(results: dict[str, dict[str, Any]]) -> str:
     """A small table: one row per score, one column per evaluated model (trained, random_init …)."""
-    columns = list(results)
-    keys: list[str] = []
-    for scores in results.values():
-        keys += [k for k in scores if k not in keys]
+    columns, keys = list(results), score_names(results)
     width = max([len(k) for k in keys] + [10])
     lines = ["accuracy (%)".ljust(width) + "".join(c.rjust(14) for c in columns)]
     for key in keys:

@@ -34,9 +34,10 @@ from selfsup.data.datasets import ImageDataset, build_dataset
 from selfsup.data.loader import EvalDataset
 from selfsup.data.transforms import transform_from_config
 from selfsup.engine.trainer import resolve_device
-from selfsup.eval.attention import attention_panel, cls_attention
+from selfsup.eval.attention import attention_panel, cls_attention, unnormalise
 from selfsup.eval.clustering import kmeans
 from selfsup.eval.features import extract_features
+from selfsup.eval.protocols import score_names
 from selfsup.eval.run import load_run
 from selfsup.models.vit import ViT
 
@@ -213,16 +214,10 @@ def shown_clusters(ranked: list[ClusterStats], per_side: int = 3) -> tuple[list[
     return purest, mixed
 
 
-def denormalise(images: torch.Tensor, mean, std) -> np.ndarray:
-    """(B, 3, H, W) normalised tensors → (B, H, W, 3) uint8."""
-    rgb = images.float() * torch.tensor(std).view(1, 3, 1, 1) + torch.tensor(mean).view(1, 3, 1, 1)
-    return (rgb.clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
-
-
 def image_row(images: torch.Tensor, mean, std, height: int = 64, gap: int = 4) -> Image.Image:
     """The images side by side at ``height`` pixels (nearest-neighbour when enlarging), white gaps between."""
     tiles = []
-    for array in denormalise(images, mean, std):
+    for array in (unnormalise(images, mean, std) * 255).round().astype(np.uint8):
         tile = Image.fromarray(array)
         width = max(1, round(tile.width * height / tile.height))
         tiles.append(tile.resize((width, height), Image.NEAREST if tile.height < height else Image.BILINEAR))
@@ -272,10 +267,7 @@ def summary_table(rows: list[tuple[str, str]]) -> str:
 
 def scores_table(scores: dict[str, dict[str, float]]) -> str:
     """Rows: scores; columns: each evaluated model (trained, random_init …), plus trained − random_init."""
-    columns = list(scores)
-    keys: list[str] = []
-    for values in scores.values():
-        keys += [k for k in values if k not in keys]
+    columns, keys = list(scores), score_names(scores)
     delta = "trained" in scores and "random_init" in scores
     head = "".join(f"<th>{html.escape(c)}</th>" for c in columns) + ("<th>trained − random_init</th>" if delta else "")
     rows = []
@@ -336,9 +328,10 @@ def wall_time(records: list[dict]) -> str:
     return f"{text} (sum of epoch times, evaluations excluded)"
 
 
-def _summary_rows(cfg: Config, state: dict, checkpoint: Path, method: Any, train_size: int, val_size: int,
+def _summary_rows(cfg: Config, state: dict, checkpoint: Path, method: Any, val_size: int,
                   records: list[dict]) -> list[tuple[str, str]]:
     params = sum(p.numel() for p in method.backbone.parameters())
+    train_size = method.data.num_samples  # the training set load_run built the method for
     d, t = cfg.data, cfg.train
     return [
         ("method", cfg.method.name),
@@ -376,7 +369,6 @@ def build_report(run: str | Path, out: str | Path | None = None, *, embedding: s
     target = resolve_device(device or cfg.train.device)
     seed = cfg.train.seed
     records = read_metrics(run_dir)
-    train_size = len(build_dataset(cfg.data, cfg.data.train_split))
     val_set, val_eval = _validation(cfg)
     classes = list(val_set.classes) or ["?"]
     sections: list[str] = []
@@ -464,7 +456,7 @@ def build_report(run: str | Path, out: str | Path | None = None, *, embedding: s
         body = note(f"Attention maps are drawn for ViT backbones; this run uses {cfg.model.backbone}.")
     sections.append(f"<h2>Attention maps</h2>{body}")
 
-    summary = summary_table(_summary_rows(cfg, state, checkpoint, method, train_size, len(val_set), records))
+    summary = summary_table(_summary_rows(cfg, state, checkpoint, method, len(val_set), records))
     config_yaml = html.escape(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     title = f"{cfg.method.name} · {cfg.model.backbone} · {cfg.data.name}"
     page = (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
