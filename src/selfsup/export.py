@@ -106,8 +106,9 @@ def save_backbone(state: dict[str, torch.Tensor], path: str | Path, info: Backbo
     return atomic_write(path, lambda handle: handle.write(save(tensors, metadata=info.to_metadata())))
 
 
-def read_backbone(path: str | Path) -> tuple[dict[str, torch.Tensor], BackboneInfo]:
-    """The tensors and :class:`BackboneInfo` of a file written by :func:`save_backbone`."""
+def read_backbone(path: str | Path, state: dict | None = None) -> tuple[dict[str, torch.Tensor], BackboneInfo]:
+    """The tensors and :class:`BackboneInfo` of a file written by :func:`save_backbone` (``state``: the ``.pt``
+    file's contents, when the caller has already loaded them)."""
     path = Path(path)
     _check_suffix(path)
     if not path.is_file():
@@ -122,7 +123,7 @@ def read_backbone(path: str | Path) -> tuple[dict[str, torch.Tensor], BackboneIn
         except SafetensorError as error:
             raise CheckpointError(f"{path} is not a readable safetensors file: {error}") from None
         return tensors, BackboneInfo.from_metadata(meta, path)
-    state = load_checkpoint(path)
+    state = state if state is not None else load_checkpoint(path)
     if "state_dict" not in state or "selfsup" not in state:
         raise CheckpointError(f"{path} has no 'state_dict'/'selfsup' entries: not a selfsup backbone file "
                               f"(found {sorted(state)[:8]}); for a seed's checkpoint use `selfsup import`")

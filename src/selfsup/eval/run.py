@@ -39,11 +39,13 @@ def load_run(path: str | Path, overrides: list[str] | None = None, state: dict |
     return checkpoint, state, cfg, method, initial
 
 
-def load_backbone_file(path: str | Path, overrides: list[str] | None = None) -> tuple[Config, nn.Module, nn.Module]:
-    """(config: defaults + the file's model + ``overrides``, the loaded backbone, the same one freshly seeded)."""
+def load_backbone_file(path: str | Path, overrides: list[str] | None = None, state: dict | None = None,
+                       ) -> tuple[Config, nn.Module, nn.Module]:
+    """(config: defaults + the file's model + ``overrides``, the loaded backbone, the same one freshly seeded;
+    ``state``: a ``.pt`` file's contents, already loaded)."""
     from selfsup.export import build_from_info, load_strict, read_backbone
 
-    state, info = read_backbone(path)
+    tensors, info = read_backbone(path, state)
     raw: dict[str, Any] = {"model": dataclasses.asdict(info.model_config())}
     for word in overrides or []:
         set_dotted(raw, *parse_override(word))
@@ -51,7 +53,7 @@ def load_backbone_file(path: str | Path, overrides: list[str] | None = None) -> 
     seed_everything(cfg.train.seed)
     initial = build_from_info(info).eval()
     backbone = copy.deepcopy(initial)
-    load_strict(backbone, state, f"{path} does not fit {info.backbone}")
+    load_strict(backbone, tensors, f"{path} does not fit {info.backbone}")
     return cfg, backbone, initial
 
 
@@ -62,7 +64,7 @@ def evaluate_checkpoint(path: str | Path, protocols: list[str], overrides: list[
     check_protocols(protocols)
     state = None if Path(path).suffix == ".safetensors" else load_checkpoint(path)
     if state is None or "selfsup" in state:  # a backbone file (export/import metadata)
-        cfg, backbone, initial = load_backbone_file(path, overrides)
+        cfg, backbone, initial = load_backbone_file(path, overrides, state)
         what, out = f"{path} (backbone file, data {cfg.data.name})", Path(f"{path}.eval.json")
     else:
         checkpoint, state, cfg, method, initial = load_run(path, overrides, state)
