@@ -11,7 +11,6 @@ CUDA (including the uint8 -> float conversion and normalisation, excluding the h
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -22,17 +21,7 @@ from PIL import Image
 
 from selfsup.data.batch_augment import build_batch_transform
 from selfsup.data.transforms import build_transform
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+from selfsup.engine.trainer import device_name
 
 
 def source_side(size: int) -> int:
@@ -70,7 +59,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    print(f"CPU: {cpu_name()} ({torch.get_num_threads()} torch threads); torch {torch.__version__}")
+    cpu = device_name(torch.device("cpu"))
+    print(f"CPU: {cpu} ({torch.get_num_threads()} torch threads); torch {torch.__version__}")
     if torch.cuda.is_available():
         print(f"CUDA: {torch.cuda.get_device_name()}")
     print(f"recipe {args.recipe}, batch {args.batch}")

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import resource
 import time
 
 import torch
 
+from selfsup.engine.trainer import device_name
 from selfsup.nn.sinkhorn import DTYPES, hard_labels, power_softmax, sinkhorn_knopp
 
 
@@ -29,12 +29,6 @@ def rss_gib() -> float:
 
 def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
-
-
-def cpu_name() -> str:
-    with open("/proc/cpuinfo") as handle:
-        names = [line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")]
-    return names[0] if names else platform.processor() or "cpu"
 
 
 def sync(device: torch.device) -> None:
@@ -69,7 +63,7 @@ def run(n: int, k: int, dim: int, dtype: torch.dtype, device: torch.device, args
         peak = peak_rss_gib() - base
     counts = torch.bincount(labels, minlength=k)
     return {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
+        "device": device_name(device),
         "threads": torch.get_num_threads(), "N": n, "K": k, "dim": dim, "dtype": str(dtype).split(".")[-1],
         "lambda": args.lamb, "tol": args.tol, "P_GiB": round(n * k * dtype.itemsize / 2**30, 3),
         "peak_GiB_over_features": round(peak, 3), "build_s": round(built - start, 2),

@@ -25,31 +25,20 @@ import argparse
 import gc
 import itertools
 import json
-import platform
-import re
 import resource
 import statistics
 import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import nullcontext
-from pathlib import Path
 
 import torch
 
 from selfsup.cli import find_recipe
 from selfsup.config import load_config
-from selfsup.engine.trainer import Trainer
+from selfsup.engine.trainer import Trainer, device_name
 
 Batch = tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    cpuinfo = Path("/proc/cpuinfo")
-    found = re.search(r"^model name\s*:\s*(.+)$", cpuinfo.read_text(), re.M) if cpuinfo.is_file() else None
-    return found.group(1).strip() if found else platform.processor() or platform.machine()
 
 
 def loader_batches(trainer: Trainer) -> Iterator[Batch]:

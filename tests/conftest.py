@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+from types import ModuleType
+
 import pytest
 import torch
 
@@ -13,6 +17,14 @@ TINY = [
     "optim.lr=0.05", "train.batch_size=32", "train.epochs=2", "train.progress_bar=false",
     "train.run_name=run", "train.log_every_steps=1", "eval.at_end=false",
 ]
+
+
+def load_benchmark(name: str) -> ModuleType:
+    """A script of ``benchmarks/`` as a module (they are scripts, not part of the package)."""
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def tiny_config(tmp_path, *overrides: str, method: str = "moco") -> Config:

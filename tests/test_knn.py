@@ -203,3 +203,107 @@ def test_extract_features_flattens_and_autocast() -> None:
                                      autocast_dtype=torch.bfloat16)
     assert feats.shape == (5, 4) and feats.dtype == torch.float32 and labels.tolist() == [0, 1, 2, 3, 4]
     torch.testing.assert_close(feats, F.normalize(model(x).flatten(1), dim=1), atol=2e-2, rtol=0)
+
+
+# ------------------------------------------------------------------------------------- eval.pool_grid
+
+
+def test_pooled_on_grid_equals_a_backbone_built_with_that_grid_and_is_restored():
+    import torchvision
+
+    from selfsup.config import ConfigError, ModelConfig
+    from selfsup.eval.features import pooled_on_grid
+    from selfsup.models.backbones import build_backbone
+
+    torch.manual_seed(0)
+    net, _ = build_backbone(ModelConfig(backbone="resnet_mini", widths=(4, 8, 12), pool_grid=2))
+    reference, dim = build_backbone(ModelConfig(backbone="resnet_mini", widths=(4, 8, 12), pool_grid=4))
+    reference.load_state_dict(net.state_dict())  # pooling has no weights: the same network
+    net.eval(), reference.eval()
+    x = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        before = net(x)
+        with pooled_on_grid(net, 4) as pooled:
+            assert pooled is net and dim == 12 * 16
+            assert torch.equal(pooled(x), reference(x))
+        assert torch.equal(net(x), before)  # its own 2 x 2 pooling is back
+        with pooled_on_grid(net, None):
+            assert torch.equal(net(x), before)
+        resnet = torchvision.models.resnet18(num_classes=10).eval()
+        resnet.fc = nn.Identity()
+        with pooled_on_grid(resnet, 2):
+            assert resnet(torch.randn(1, 3, 64, 64)).shape == (1, 512 * 4)
+    with pytest.raises(ConfigError, match="eval.pool_grid=3 needs a backbone that pools"), \
+            pooled_on_grid(nn.Conv2d(3, 4, 3), 3):
+        pass
+    with pytest.raises(ConfigError, match="at least 1"), pooled_on_grid(net, 0):
+        pass
+
+
+def test_eval_pool_grid_scores_the_grid_pooled_features(tmp_path):
+    from conftest import tiny_config
+    from selfsup.config import ConfigError
+    from selfsup.engine.trainer import Trainer
+    from selfsup.eval.protocols import evaluate_backbone
+    from selfsup.models.backbones import build_backbone
+
+    cfg = tiny_config(tmp_path, "model.widths=[4,8,12]")
+    torch.manual_seed(0)
+    net, _ = build_backbone(cfg.model)
+    cfg.model.pool_grid = 3
+    reference, _ = build_backbone(cfg.model)
+    reference.load_state_dict(net.state_dict())
+    cfg.model.pool_grid = 1
+    protocols = ["knn", "nn", "cluster"]
+    own = evaluate_backbone(net, cfg, "cpu", protocols)
+    cfg.eval.pool_grid = 3
+    gridded = evaluate_backbone(net, cfg, "cpu", protocols)
+    cfg.eval.pool_grid = None
+    assert gridded == evaluate_backbone(reference, cfg, "cpu", protocols) != own
+    with pytest.raises(ConfigError, match="eval.pool_grid must be at least 1"):  # before training, not after
+        Trainer(tiny_config(tmp_path, "eval.pool_grid=0"))
+
+
+def test_time_to_accuracy_baselines_equal_brute_force_knn(tmp_path, capsys):
+    """benchmarks/time_to_accuracy.py: raw pixels and random init against the explicit sort above."""
+    import copy
+    import json
+
+    from conftest import TINY, load_benchmark
+    from selfsup.config import load_config
+    from selfsup.data.transforms import transform_from_config
+    from selfsup.eval.features import pooled_on_grid
+
+    bench = load_benchmark("time_to_accuracy")
+    initial: dict[str, nn.Module] = {}
+
+    class RecordingTrainer(bench.Trainer):
+        def __init__(self, cfg):
+            super().__init__(cfg)
+            initial["backbone"] = copy.deepcopy(self.method.backbone)
+
+    bench.Trainer = RecordingTrainer
+    overrides = [*TINY, f"train.output_dir={tmp_path}", "eval.pool_grid=2", "data.subset=120"]
+    records = bench.main(["quickstart", *overrides, "--budget", "3s", "--points", "2", "--memory", "100"])
+    assert [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")] == records
+    header, raw, random_init, *trained = records
+    assert (header["memory"], header["pool_grid"], raw["point"], random_init["point"]) == (
+        100, 2, "raw_pixels", "random_init")
+    assert trained and trained[-1]["train_seconds"] <= 3 * 1.05 and trained[-1]["step"] > 0
+
+    cfg = load_config(None, overrides)
+    memory_set, query_set = bench.split_sets(cfg, 100)
+    memory_y, query_y = bench.labels_of(memory_set), bench.labels_of(query_set)
+
+    def pixels(dataset) -> torch.Tensor:
+        return F.normalize(torch.stack([torch.tensor(np.asarray(dataset[i][0]), dtype=torch.float32).flatten()
+                                        for i in range(len(dataset))]), dim=1)
+
+    tf = transform_from_config(cfg.data, "eval")
+    with pooled_on_grid(initial["backbone"], 2) as net:
+        embedded = [extract_features(net, [(torch.stack([tf(d[i][0]) for i in range(len(d))]), query_y)])[0]
+                    for d in (memory_set, query_set)]
+    for record, (memory, queries) in [(raw, (pixels(memory_set), pixels(query_set))), (random_init, embedded)]:
+        for key, k, t in [("knn20_T0.07", 20, 0.07), ("nn", 1, 1.0)]:
+            predicted = torch.tensor(_brute_weighted(memory, memory_y, queries, k, t, 10))
+            assert record[key] == round(100 * (predicted == query_y).double().mean().item(), 2), key

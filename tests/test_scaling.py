@@ -3,7 +3,6 @@ the loss read on the host only on logging steps, and benchmarks/throughput.py on
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import sys
@@ -12,13 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import tiny_config
+from conftest import load_benchmark, tiny_config
 from selfsup.config import ConfigError, OptimConfig
 from selfsup.engine.schedules import lr_scaling_rule, scaled_lr
 from selfsup.engine.trainer import Trainer
 from selfsup.nn import distributed
-
-ROOT = Path(__file__).parents[1]
 
 
 def test_lr_scaling_rules_closed_form():
@@ -90,15 +87,8 @@ def test_loss_is_read_on_the_host_only_on_logging_steps(tmp_path, monkeypatch):
     assert sorted(set(reads)) == [3, 6]
 
 
-def _throughput_module():
-    spec = importlib.util.spec_from_file_location("throughput", ROOT / "benchmarks" / "throughput.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_throughput_benchmark_one_json_line_per_combination(capsys):
-    bench = _throughput_module()
+    bench = load_benchmark("throughput")
     tiny = ["--methods", "moco", "--backbones", "resnet_mini", "--batches", "16", "--image-size", "16",
             "--warmup", "1", "--steps", "2", "--device", "cpu", "--threads", "1", "method.queue_size=64",
             "method.dim=16"]

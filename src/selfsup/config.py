@@ -119,6 +119,7 @@ class EvalConfig:
     knn_temperature: float = 0.07
     monitor_every_epochs: int = 0  # kNN monitor on the val split every N epochs (0: off)
     batch_size: int = 256
+    pool_grid: int | None = None  # features of every protocol pooled on a g x g grid (conv backbones); None: own
     # protocol "linear" (selfsup.eval.linear)
     linear_mode: str = "fast"  # fast: cached features, L-BFGS, wd chosen on a train hold-out | standard: augmented SGD
     linear_recipe: str = "moco"  # standard: moco (lr 30, 100 ep, x0.1 at 60/80) | umbc (standardise, lr 0.01, 40 ep)

@@ -8,7 +8,9 @@ from __future__ import annotations
 import copy
 import json
 import math
+import platform
 import random
+import re
 import signal
 import sys
 import threading
@@ -32,6 +34,7 @@ from selfsup.data.loader import EpochSampler, ImageTensorDataset, ViewDataset
 from selfsup.engine.budget import TimeBudget, parse_duration
 from selfsup.engine.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from selfsup.engine.schedules import lr_at_epoch, lr_at_step, lr_scaling_in_effect, lr_scaling_rule, scaled_lr
+from selfsup.eval.features import check_pool_grid
 from selfsup.eval.protocols import evaluate_backbone, format_scores
 from selfsup.methods import DataInfo, Method, build_method
 from selfsup.nn import distributed
@@ -46,6 +49,15 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"train.device={name!r} but CUDA is not available here; use train.device=cpu")
     return device
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU's model name (``/proc/cpuinfo``; the architecture where there is none)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpuinfo = Path("/proc/cpuinfo")
+    found = re.search(r"^model name\s*:\s*(.+)$", cpuinfo.read_text(), re.M) if cpuinfo.is_file() else None
+    return found.group(1).strip() if found else platform.processor() or platform.machine()
 
 
 def seed_everything(seed: int) -> None:
@@ -94,6 +106,7 @@ class Trainer:
         seed_everything(t.seed)  # the same initial weights (and random-init baseline) on every start
         self.method: Method = build_method(cfg, DataInfo(len(self.train_set), self.train_set.num_classes))
         self.initial_backbone = copy.deepcopy(self.method.backbone.state_dict())
+        check_pool_grid(self.method.backbone, cfg.eval.pool_grid)  # now, not after a day of training
         self.sampler = EpochSampler(len(self.train_set), self.batch_per_rank, seed=t.seed, rank=self.dist.rank,
                                     world_size=self.dist.world_size, drop_last=t.drop_last)
         check_choice("data.augment", cfg.data.augment, ("per_sample", "batch"))

@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from selfsup.config import ConfigError
+
 
 def _model_device(model: nn.Module) -> torch.device | None:
     """The single device holding the model's tensors, or None (no tensors, or spread over several)."""
@@ -31,6 +33,36 @@ def _eval_on(model: nn.Module, device: torch.device) -> Iterator[None]:
         model.train(was_training)
         if moved:
             model.to(original)
+
+
+def check_pool_grid(backbone: nn.Module, grid: int | None) -> None:
+    """One clear error when ``eval.pool_grid`` cannot apply to ``backbone`` (the trainer checks before training)."""
+    if grid is None:
+        return
+    if not isinstance(getattr(backbone, "avgpool", None), (nn.AdaptiveAvgPool2d, nn.AvgPool2d)):
+        raise ConfigError(f"eval.pool_grid={grid} needs a backbone that pools its last feature map with an 'avgpool' "
+                          f"module (resnet_mini, torchvision ResNets); {type(backbone).__name__} has none: "
+                          "leave eval.pool_grid unset (null)")
+    if grid < 1:
+        raise ConfigError(f"eval.pool_grid must be at least 1 (or null for the backbone's own pooling), got {grid}")
+
+
+@contextmanager
+def pooled_on_grid(backbone: nn.Module, grid: int | None) -> Iterator[nn.Module]:
+    """The backbone with its final average pooling over a ``grid`` x ``grid`` grid (flattened: ``grid``² x the
+    channels), restored afterwards; ``None`` keeps its own pooling. For backbones that pool their last map with
+    an ``avgpool`` module (``resnet_mini``, torchvision ResNets), as the conv-layer probes of the SSL benchmarks
+    do: the spatial layout of the map stays in the features."""
+    check_pool_grid(backbone, grid)
+    if grid is None:
+        yield backbone
+        return
+    own = backbone.avgpool
+    backbone.avgpool = nn.AdaptiveAvgPool2d(grid)
+    try:
+        yield backbone
+    finally:
+        backbone.avgpool = own
 
 
 def _split_batch(batch: object) -> tuple[torch.Tensor, torch.Tensor]:

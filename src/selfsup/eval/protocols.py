@@ -22,7 +22,7 @@ from selfsup.data.datasets import build_dataset
 from selfsup.data.loader import EvalDataset
 from selfsup.data.transforms import transform_from_config
 from selfsup.eval.clustering import cluster_alignment, clustering_scores, kmeans
-from selfsup.eval.features import extract_features
+from selfsup.eval.features import extract_features, pooled_on_grid
 from selfsup.eval.knn import knn_sweep
 from selfsup.eval.linear import LINEAR_MODES, linear_probe_fast, linear_probe_standard
 from selfsup.models.vit import LastBlocksCLS, ViT
@@ -59,9 +59,16 @@ def linear_probe_features(backbone: nn.Module, cfg: Config) -> nn.Module:
 
 def evaluate_backbone(backbone: nn.Module, cfg: Config, device: torch.device | str,
                       protocols: list[str], *, progress: bool = False) -> dict[str, float]:
-    """Scores in percent, e.g. ``{"knn20_T0.07": …, "knn20_vote": …, "nn": …, "linear_top1": …}``."""
+    """Scores in percent, e.g. ``{"knn20_T0.07": …, "knn20_vote": …, "nn": …, "linear_top1": …}``, of the
+    backbone's features (pooled on an ``eval.pool_grid`` grid when set)."""
     check_protocols(protocols)
     check_choice("eval.linear_mode", cfg.eval.linear_mode, LINEAR_MODES)
+    with pooled_on_grid(backbone, cfg.eval.pool_grid):
+        return _scores(backbone, cfg, device, protocols, progress)
+
+
+def _scores(backbone: nn.Module, cfg: Config, device: torch.device | str, protocols: list[str],
+            progress: bool) -> dict[str, float]:
     scores: dict[str, float] = {}
     standard_linear = "linear" in protocols and cfg.eval.linear_mode == "standard"
     if any(p != "linear" or not standard_linear for p in protocols):

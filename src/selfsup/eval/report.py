@@ -36,7 +36,7 @@ from selfsup.data.transforms import transform_from_config
 from selfsup.engine.trainer import resolve_device
 from selfsup.eval.attention import attention_panel, cls_attention, unnormalise
 from selfsup.eval.clustering import kmeans
-from selfsup.eval.features import extract_features
+from selfsup.eval.features import extract_features, pooled_on_grid
 from selfsup.eval.protocols import score_names
 from selfsup.eval.run import load_run
 from selfsup.models.vit import ViT
@@ -392,7 +392,8 @@ def build_report(run: str | Path, out: str | Path | None = None, *, embedding: s
 
     # validation features: embedding and clusters
     loader = DataLoader(val_eval, batch_size=cfg.eval.batch_size, num_workers=cfg.data.num_workers, shuffle=False)
-    features, labels = extract_features(method.backbone, loader, target, normalize=True)
+    with pooled_on_grid(method.backbone, cfg.eval.pool_grid) as backbone:  # the features the scores used
+        features, labels = extract_features(backbone, loader, target, normalize=True)
     labels_np = labels.numpy()
     generator = np.random.default_rng(seed)
     n = features.shape[0]
