@@ -301,8 +301,8 @@ def test_time_to_accuracy_baselines_equal_brute_force_knn(tmp_path, capsys):
 
     tf = transform_from_config(cfg.data, "eval")
     with pooled_on_grid(initial["backbone"], 2) as net:
-        embedded = [extract_features(net, [(torch.stack([tf(d[i][0]) for i in range(len(d))]), query_y)])[0]
-                    for d in (memory_set, query_set)]
+        embedded = [extract_features(net, [(torch.stack([tf(d[i][0]) for i in range(len(d))]), labels)])[0]
+                    for d, labels in ((memory_set, memory_y), (query_set, query_y))]
     for record, (memory, queries) in [(raw, (pixels(memory_set), pixels(query_set))), (random_init, embedded)]:
         for key, k, t in [("knn20_T0.07", 20, 0.07), ("nn", 1, 1.0)]:
             predicted = torch.tensor(_brute_weighted(memory, memory_y, queries, k, t, 10))
