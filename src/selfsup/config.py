@@ -9,7 +9,6 @@ the nearest valid spelling.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,12 +18,13 @@ from typing import Any, Union
 
 import yaml
 
+from selfsup.errors import ConfigError, check_choice, did_you_mean
+from selfsup.registry import METHODS
+
+__all__ = ["ConfigError", "check_choice"]  # re-exported: the error type every config key raises
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-class ConfigError(ValueError):
-    """A recipe or override that does not fit the configuration schema."""
 
 
 @dataclass
@@ -64,7 +64,8 @@ class ModelConfig:
 
 @dataclass
 class MethodConfig:
-    """Base of every method's hyper-parameters; each method registers a subclass under ``name``."""
+    """Base of every method's hyper-parameters. A method's subclass sets ``name`` (its one declaration of the
+    name, read by ``@register_method``) and adds its fields."""
 
     name: str = "moco"
 
@@ -171,24 +172,6 @@ class Config:
 
 
 # ---------------------------------------------------------------------------------------------
-# method registry
-
-METHOD_CONFIGS: dict[str, type[MethodConfig]] = {}
-
-
-def register_method_config(cls: type[MethodConfig]) -> type[MethodConfig]:
-    """Class decorator: make ``method=<cls.name>`` select this hyper-parameter set."""
-    METHOD_CONFIGS[cls.name] = cls
-    return cls
-
-
-def _method_configs() -> dict[str, type[MethodConfig]]:
-    import selfsup.methods  # noqa: F401  (registers every method)
-
-    return METHOD_CONFIGS
-
-
-# ---------------------------------------------------------------------------------------------
 # loading
 
 
@@ -268,17 +251,8 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
 def build_method_config(raw: dict[str, Any]) -> MethodConfig:
     if not isinstance(raw, dict):
         raise ConfigError(f"'method' must be a mapping or a method name, got {raw!r}")
-    registry = _method_configs()
     name = raw.get("name", MethodConfig.name)
-    if name not in registry:
-        raise ConfigError(f"method.name={name!r} is not a method{_suggest(str(name), registry)}; "
-                          f"choose one of {sorted(registry)}")
-    return _build(registry[name], raw, "method.")
-
-
-def _suggest(word: str, choices: typing.Iterable[str], prefix: str = "") -> str:
-    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.5)
-    return f" (did you mean {prefix + close[0]!r}?)" if close else ""
+    return _build(METHODS[name].config, raw, "method.")
 
 
 def _build(cls: type, raw: Any, prefix: str) -> Any:
@@ -288,7 +262,7 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for key in raw:
         if key not in fields:
-            raise ConfigError(f"unknown key {prefix}{key}{_suggest(str(key), fields, prefix)}; "
+            raise ConfigError(f"unknown key {prefix}{key}{did_you_mean(str(key), fields, prefix)}; "
                               f"valid keys of {prefix.rstrip('.') or 'the config'}: {', '.join(fields)}")
     kwargs = {}
     for name, value in raw.items():
@@ -372,10 +346,3 @@ def _plain(obj: Any) -> Any:
 
 def save_config(cfg: Config, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-
-
-def check_choice(key: str, value: str, choices: typing.Iterable[str]) -> None:
-    """Raise one clear error when ``value`` is not among ``choices``."""
-    choices = list(choices)
-    if value not in choices:
-        raise ConfigError(f"{key}={value!r} is not valid{_suggest(value, choices)}; choose one of {choices}")

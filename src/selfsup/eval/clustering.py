@@ -124,3 +124,14 @@ def cluster_alignment(train_features: torch.Tensor, train_labels: torch.Tensor, 
     mapping = alignment_map(train_clusters.cpu().numpy(), train_labels.cpu().numpy(), k, num_classes)
     predicted = mapping[val_clusters.cpu().numpy()]
     return {"align": 100.0 * float((predicted == val_labels.cpu().numpy()).mean())}
+
+
+def pseudo_label_scores(labels: np.ndarray, targets: np.ndarray) -> dict[str, dict[str, float]]:
+    """NMI (arithmetic and geometric averaging), aNMI, ARI and Hungarian label accuracy (%) of every head's
+    pseudo-labels (``labels``: (heads, N)) against the true ``targets`` (N,), over the samples with a
+    target ≥ 0; keys ``head0``, ``head1``, …, then ``mean`` (over heads)."""
+    labels, targets = np.asarray(labels), np.asarray(targets)
+    known = targets >= 0
+    scores = {f"head{h}": clustering_scores(head[known], targets[known]) for h, head in enumerate(labels)}
+    scores["mean"] = {name: float(np.mean([s[name] for s in scores.values()])) for name in scores["head0"]}
+    return scores
