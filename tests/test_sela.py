@@ -228,7 +228,7 @@ def test_resume_restores_labels_and_schedule_position(tmp_path, capsys):
     assert set(monitored) == {"nmi", "nmi_geometric", "ami", "ari", "acc"}
 
     # pseudo-label export: CSV and JSON, dataset index → label per head
-    exported = export_labels(tmp_path / "a" / "run", tmp_path / "labels.csv")
+    exported = export_labels(tmp_path / "a" / "run", tmp_path / "labels.csv", score=pseudo_label_scores)
     rows = list(csv.reader(exported.path.open()))
     assert rows[0] == ["index", "image", "head0", "head1"] and len(rows) == 129
     assert rows[5] == ["4", "digits/train[4]", *map(str, straight.method.labels[:, 4].tolist())]

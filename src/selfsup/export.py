@@ -21,6 +21,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -235,13 +236,15 @@ class LabelExport:
     scores: dict[str, dict[str, float]] | None  # pseudo_label_scores vs the true labels (None: no labels known)
 
 
-def export_labels(checkpoint_path: str | Path, out_path: str | Path) -> LabelExport:
+LabelScorer = Callable[[np.ndarray, np.ndarray], dict[str, dict[str, float]]]  # (heads x N labels, targets) -> scores
+
+
+def export_labels(checkpoint_path: str | Path, out_path: str | Path, score: LabelScorer | None = None) -> LabelExport:
     """Write a SeLa run's pseudo-labels: dataset index (and image: its path for folder data sets,
     ``ImageDataset.describe``) → label per head. ``.csv`` gives columns index,image,head0..; anything else JSON
-    (which also holds the scores). Where the training set can be read and has class labels, the pseudo-labels
-    are scored against them (:func:`selfsup.eval.clustering.pseudo_label_scores`)."""
+    (which also holds the scores). Where the training set can be read and has class labels, ``score`` (e.g.
+    :func:`selfsup.eval.clustering.pseudo_label_scores`, as ``selfsup labels`` passes) scores them against those."""
     from selfsup.data.datasets import build_dataset
-    from selfsup.eval.clustering import pseudo_label_scores
 
     state = load_checkpoint(checkpoint_path)
     labels = state.get("method", {}).get("labels")
@@ -256,8 +259,8 @@ def export_labels(checkpoint_path: str | Path, out_path: str | Path) -> LabelExp
         if len(dataset) == labels.shape[1]:
             names = [dataset.describe(i) for i in range(len(dataset))]
             targets = np.asarray(dataset.targets)
-            if (targets >= 0).any():
-                scores = pseudo_label_scores(labels, targets)
+            if score is not None and (targets >= 0).any():
+                scores = score(labels, targets)
     except (OSError, ConfigError, RuntimeError):  # data not reachable here: indices only
         names = None
     out = Path(out_path)
