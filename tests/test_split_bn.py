@@ -223,3 +223,30 @@ def test_split_shuffle_with_one_split_is_the_identity_and_draws_nothing():
     assert torch.equal(torch.random.get_rng_state(), state)
     with pytest.raises(BatchSplitError, match=r"model\.bn_splits=4 .* batch of 6"):
         split_shuffle(x, 4)
+
+
+SEED_GPUS = {"moco_v2_resnet50_imagenet": 8, "byol_resnet18_imagenet": 2, "isd_resnet18_imagenet": 2,
+             "isd_plus_resnet50_imagenet": 4, "msf_resnet50_imagenet": 4, "sela_resnet50_10x3k_imagenet": 4,
+             "sela_alexnet_10x3k_imagenet": 4}
+
+
+@pytest.mark.parametrize("name", sorted(SEED_GPUS))
+def test_multi_gpu_recipes_name_the_splits_that_emulate_the_seed(name):
+    """Values unchanged (one BatchNorm per batch); the comment gives the one-GPU override, which fits the batch."""
+    from selfsup.cli import RECIPES
+    from selfsup.config import load_config
+
+    path = RECIPES / f"{name}.yaml"
+    cfg = load_config(path)
+    gpus = SEED_GPUS[name]
+    assert cfg.model.bn_splits == 1
+    assert f"model.bn_splits={gpus}" in path.read_text()
+    check_bn_splits(gpus, cfg.train.batch_size)
+
+
+def test_the_single_gpu_recipe_keeps_plain_batchnorm():
+    from selfsup.cli import RECIPES
+    from selfsup.config import load_config
+
+    path = RECIPES / "moco_v2_resnext50_imagenette.yaml"
+    assert load_config(path).model.bn_splits == 1 and "GPUs: 1" in path.read_text()
