@@ -53,6 +53,9 @@ class ModelConfig:
     zero_init_residual: bool = False
     widths: tuple[int, ...] | None = None  # resnet_mini stage widths; None keeps the preset (16/32/64, wide 32/64/128)
     pool_grid: int = 1  # resnet_mini: average-pool the last map to g x g and flatten (C·g² features; 1 = global)
+    # BatchNorm statistics over this many sub-batches per process (selfsup.nn.split_bn, the MoCo CIFAR demo's
+    # SplitBatchNorm): N emulates the per-GPU BatchNorm of an N-GPU seed run on one GPU; 1 = plain BatchNorm
+    bn_splits: int = 1
     # ViTs (selfsup.models.vit); None keeps the architecture's preset, ResNets ignore these
     patch_size: int | None = None
     embed_dim: int | None = None
@@ -60,6 +63,10 @@ class ModelConfig:
     num_heads: int | None = None
     drop_path_rate: float = 0.0  # stochastic depth, linspace(0, rate) over the blocks
     vit_image_size: int = 224  # the position-embedding grid is laid out for this side; other sizes interpolate
+    # how a ViT resamples its position embedding for other input sizes (96-px local crops ...): official = the
+    # DINO/Mugs arithmetic (bicubic, scale factor (grid + 0.1)/old grid, no antialias), so a Mugs run sees the
+    # embeddings the seed's local crops saw | timm = timm's resample_abs_pos_embed (bicubic to the size, antialias)
+    pos_embed_resample: str = "official"
 
 
 @dataclass

@@ -2,15 +2,18 @@
 
 An exported file holds nothing but the backbone's own state-dict tensors (ResNets: plain torchvision keys
 ``conv1.weight``, ``layer1.0.bn1.running_mean`` … and no ``fc``; ViTs: timm's ``cls_token``, ``blocks.0.*``
-…) plus a small metadata record (:class:`BackboneInfo`: backbone name, small_stem, feature_dim, the
-``model`` config section that rebuilds it, and a one-line rebuild hint).
+…; ``sela_resnet50``: the official self-label resnetv2 keys ``features.0.weight``, ``features.2.0.bn1.*`` …
+and no ``top_layer*`` heads) plus a small metadata record (:class:`BackboneInfo`: backbone name, small_stem,
+feature_dim, the ``model`` config section that rebuilds it, and a one-line rebuild hint).
 
 * ``.safetensors``: the tensors, metadata in the safetensors header (``safetensors.torch.load_file`` gives
   the plain state dict);
 * ``.pt`` / ``.pth``: ``{"state_dict": tensors, "selfsup": metadata}`` (loads with ``weights_only=True``).
 
 Rebuilding without selfsup: ``net = torchvision.models.resnet50(); net.fc = torch.nn.Identity()`` loads a
-non-small-stem export with ``strict=True``. A ``small_stem`` run replaced the stem, so first call
+non-small-stem export with ``strict=True``; a ``sela_resnet50`` export loads into the official
+``models.resnetv2(num_classes=[K] * hc)`` of yukimasano/self-label with ``strict=False`` (the heads are not
+in the file). A ``small_stem`` run replaced the stem, so first call
 ``selfsup.models.backbones.use_small_stem(net, net.conv1.out_channels)`` (3×3 stride-1 conv1, no max-pool).
 :func:`load_backbone` does all of this from the metadata, loads with ``strict=True`` and returns the
 module in eval mode; ``build_backbone(ModelConfig(**info.model))`` is the library call behind it.
@@ -39,7 +42,7 @@ from selfsup.engine.checkpoint import (
     resolve_checkpoint,
     save_checkpoint,
 )
-from selfsup.models import BACKBONES, build_backbone  # the package import registers the ViTs too
+from selfsup.models import BACKBONES, build_backbone  # the package import registers the ViTs and sela_resnet50
 
 FORMAT = "selfsup-backbone/1"
 SUFFIXES = (".safetensors", ".pt", ".pth")
@@ -65,8 +68,12 @@ class BackboneInfo:
                 from None
 
     def rebuild_hint(self) -> str:
+        own = "selfsup.export.load_backbone(path), or build_backbone(ModelConfig(**info.model))"
+        if self.backbone == "sela_resnet50" and not self.small_stem:  # the official key layout, not torchvision's
+            return (f"{own}; or self-label's models.resnetv2(num_classes=[K] * hc).load_state_dict(state, "
+                    "strict=False) (only its top_layer* heads are missing)")
         if not hasattr(torchvision.models, self.backbone):  # selfsup's own (resnet_mini, ViTs ...)
-            return "selfsup.export.load_backbone(path), or build_backbone(ModelConfig(**info.model))"
+            return own
         hint = f"net = torchvision.models.{self.backbone}(); net.fc = torch.nn.Identity()"
         return hint + ("; selfsup.models.backbones.use_small_stem(net, net.conv1.out_channels)"
                        if self.small_stem else "")
