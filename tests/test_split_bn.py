@@ -112,9 +112,15 @@ def test_gradients_flow_as_through_separate_batchnorms():
     assert split.weight.grad.abs().sum() > 0
 
 
-def test_a_batch_that_does_not_divide_is_one_clear_error():
-    with pytest.raises(BatchSplitError, match=r"model\.bn_splits=4 .* batch of 10"):
-        SplitBatchNorm2d(3, 4)(torch.randn(10, 3, 2, 2))
+def test_a_batch_that_does_not_divide_is_scattered_like_data_parallel():
+    # 10 images over 4 splits: contiguous chunks of 3, 3, 2, 2, each with its own statistics
+    split = _randomised(SplitBatchNorm2d(3, 4))
+    references = [_plain(split, nn.BatchNorm2d) for _ in range(4)]
+    x = torch.randn(10, 3, 2, 2)
+    expected = torch.cat([bn(chunk) for bn, chunk in zip(references, torch.tensor_split(x, 4), strict=True)])
+    torch.testing.assert_close(split(x), expected)
+    torch.testing.assert_close(split.running_mean, torch.stack([bn.running_mean for bn in references]).mean(0))
+    torch.testing.assert_close(split.running_var, torch.stack([bn.running_var for bn in references]).mean(0))
     with pytest.raises(ValueError, match="whole number >= 1"):
         SplitBatchNorm1d(3, 0)
     check_bn_splits(8, 256)
@@ -223,8 +229,8 @@ def test_split_shuffle_with_one_split_is_the_identity_and_draws_nothing():
     same, inverse = split_shuffle(x, 1)
     assert same is x and torch.equal(inverse, torch.arange(6))
     assert torch.equal(torch.random.get_rng_state(), state)
-    with pytest.raises(BatchSplitError, match=r"model\.bn_splits=4 .* batch of 6"):
-        split_shuffle(x, 4)
+    shuffled, inverse = split_shuffle(x, 4)  # any batch size: a permutation
+    assert torch.equal(split_unshuffle(shuffled, inverse), x)
 
 
 SEED_GPUS = {"moco_v2_resnet50_imagenet": 8, "byol_resnet18_imagenet": 2, "isd_resnet18_imagenet": 2,
@@ -252,3 +258,37 @@ def test_the_single_gpu_recipe_keeps_plain_batchnorm():
 
     path = RECIPES / "moco_v2_resnext50_imagenette.yaml"
     assert load_config(path).model.bn_splits == 1 and "GPUs: 1" in path.read_text()
+
+
+def test_one_process_shufflebn_permutes_the_key_batch_across_the_splits():
+    from selfsup.nn.online_target import shuffled_embedding
+
+    encoder = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 3)).train()
+    convert_split_bn(encoder, 2)
+    x = torch.randn(8, 4)
+    torch.manual_seed(5)
+    got = shuffled_embedding(encoder, x, shuffle_bn=True)
+    torch.manual_seed(5)
+    permutation = torch.randperm(8)
+    with torch.no_grad():
+        expected = torch.nn.functional.normalize(encoder(x[permutation]), dim=1)[torch.argsort(permutation)]
+        plain = torch.nn.functional.normalize(encoder(x), dim=1)
+    torch.testing.assert_close(got, expected)  # the outputs come back in the batch's order
+    assert not torch.allclose(got, plain)  # each split normalised other images than the query encoder's would
+    torch.testing.assert_close(shuffled_embedding(encoder, x, shuffle_bn=False), plain)
+
+
+def test_trainer_splits_every_batchnorm_of_the_method(tmp_path):
+    from conftest import tiny_config
+    from selfsup.config import ConfigError
+    from selfsup.engine.trainer import Trainer
+    from selfsup.nn.split_bn import SplitBatchNorm1d as Split1d
+
+    trainer = Trainer(tiny_config(tmp_path, "model.bn_splits=4", "train.max_steps=2", method="byol"))
+    norms = [m for m in trainer.method.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    assert norms and all(isinstance(m, (SplitBatchNorm2d, Split1d)) and m.splits == 4 for m in norms)
+    trainer.fit()
+    plain = {k: v.shape for k, v in copy.deepcopy(trainer.method.backbone).state_dict().items()}
+    assert plain == {k: v.shape for k, v in trainer.initial_backbone.items()}  # BatchNorm's keys: exports load
+    with pytest.raises(ConfigError, match=r"model\.bn_splits=5"):
+        Trainer(tiny_config(tmp_path / "odd", "model.bn_splits=5", method="byol"))  # 32 images per step

@@ -47,6 +47,7 @@ from selfsup.engine.schedules import (
 from selfsup.methods import Batch, Embedding, EmbedRequest, Method, ParamGroup, Progress, RunInfo, build_method
 from selfsup.models.backbones import backbone_factory
 from selfsup.nn import distributed
+from selfsup.nn.split_bn import apply_bn_splits, check_bn_splits
 
 CHECKPOINT_FORMAT = 2  # 2: methods hold their online/target pair as ``net`` and memory banks store dataset indices
 
@@ -217,6 +218,12 @@ class Trainer:
     def _build_model(self) -> None:
         t = self.cfg.train
         self.channels_last = t.channels_last if t.channels_last is not None else self.device.type == "cuda"
+        splits = self.cfg.model.bn_splits
+        try:
+            check_bn_splits(splits, t.batch_size, self.dist.world_size, t.sync_bn)
+            apply_bn_splits(self.method, splits)  # per-"GPU" statistics in every BatchNorm of the method
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
         self.method.to(self.device)
         if t.sync_bn and self.dist.world_size > 1:  # before DDP wraps it; one process has nothing to synchronise
             self.method = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.method)

@@ -2,8 +2,9 @@
 predictor, and a target encoder that only the EMA moves.
 
 query  q = n(h(g(f(x))))        (n: L2 normalisation; h: the predictor, absent for MoCo)
-target z = sg(n(g_t(f_t(x))))   with ShuffleBN: the batch is shuffled across processes before the target
-                                encoder and unshuffled after it, so its BatchNorm sees other sub-batches
+target z = sg(n(g_t(f_t(x))))   with ShuffleBN: the batch is shuffled across processes (or across the splits
+                                of a split BatchNorm on one process) before the target encoder and
+                                unshuffled after it, so its BatchNorm sees other sub-batches
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from torch import nn
 
 from selfsup.nn import distributed
 from selfsup.nn.ema import ema_update, make_teacher
+from selfsup.nn.split_bn import bn_splits_of, split_shuffle, split_unshuffle
 
 
 class Encoder(nn.Module):
@@ -30,12 +32,19 @@ class Encoder(nn.Module):
 
 @torch.no_grad()
 def shuffled_embedding(encoder: nn.Module, x: torch.Tensor, shuffle_bn: bool) -> torch.Tensor:
-    """n(encoder(x)) without gradient; with ``shuffle_bn`` the batch is permuted across processes for the
-    forward pass and the outputs put back in order (MoCo's ShuffleBN; a plain forward on one process)."""
+    """n(encoder(x)) without gradient; with ``shuffle_bn`` the batch is permuted across processes for the forward
+    pass and the outputs put back in order (MoCo's ShuffleBN). On one process whose BatchNorm is split
+    (``model.bn_splits``) the permutation is across the splits instead; otherwise a plain forward."""
     if not shuffle_bn:
         return F.normalize(encoder(x), dim=1)
-    shuffled, inverse = distributed.batch_shuffle(x)
-    return distributed.batch_unshuffle(F.normalize(encoder(shuffled), dim=1), inverse)
+    if distributed.world_size() > 1:
+        shuffled, inverse = distributed.batch_shuffle(x)
+        return distributed.batch_unshuffle(F.normalize(encoder(shuffled), dim=1), inverse)
+    splits = bn_splits_of(encoder)
+    if splits == 1:
+        return F.normalize(encoder(x), dim=1)
+    shuffled, inverse = split_shuffle(x, splits)
+    return split_unshuffle(F.normalize(encoder(shuffled), dim=1), inverse)
 
 
 class OnlineTarget(nn.Module):

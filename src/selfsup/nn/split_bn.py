@@ -36,9 +36,13 @@ How a method uses it (``bn_splits = cfg.model.bn_splits``):
    ``s`` of the query encoder, the "cheating" ShuffleBN prevents. With several processes the cross-rank
    shuffle already randomises every split.
 3. Every training batch must divide into the splits (``train.batch_size / world_size`` a multiple of
-   ``bn_splits``, ``train.drop_last=true``): :func:`check_bn_splits` says so before training;
-   the layer itself raises :class:`BatchSplitError` on a batch that does not divide. ``bn_splits`` and
-   ``train.sync_bn`` exclude each other (SyncBatchNorm would replace the split layers).
+   ``bn_splits``): :func:`check_bn_splits` says so before training. A batch that does not divide (the last
+   batch of a pass that keeps every image, e.g. SeLa's label pass) is cut into contiguous chunks of nearly
+   equal sizes, as ``DataParallel`` scatters it. ``bn_splits`` and ``train.sync_bn`` exclude each other
+   (SyncBatchNorm would replace the split layers).
+
+The trainer does 1 and 3 for ``model.bn_splits`` (the whole method: encoders and heads), and
+:class:`selfsup.nn.online_target.OnlineTarget` does 2 (:func:`bn_splits_of` tells it the splits).
 """
 
 from __future__ import annotations
@@ -82,14 +86,14 @@ class _SplitBatchNorm(nn.modules.batchnorm._BatchNorm):
             return super().forward(x)
         self._check_input_dim(x)
         batch, channels = x.shape[0], x.shape[1]
-        if batch % self.splits:
-            raise _split_error(batch, self.splits)
         update = self.training and self.track_running_stats
         momentum = 0.0 if self.momentum is None else self.momentum
         if update:
             self.num_batches_tracked.add_(1)
             if self.momentum is None:  # cumulative moving average, as nn.BatchNorm
                 momentum = 1.0 / float(self.num_batches_tracked)
+        if batch % self.splits:
+            return self._uneven_forward(x, update, momentum)
         # sample i goes to split i % N: (B, C, ...) -> (B/N, N·C, ...), channel block s = split s
         grouped = x.reshape(batch // self.splits, self.splits * channels, *x.shape[2:])
         split_mean = self.running_mean.repeat(self.splits) if update else None
@@ -101,6 +105,28 @@ class _SplitBatchNorm(nn.modules.batchnorm._BatchNorm):
             self.running_mean.copy_(split_mean.view(self.splits, channels).mean(dim=0))
             self.running_var.copy_(split_var.view(self.splits, channels).mean(dim=0))
         return out.reshape(x.shape)
+
+    def _uneven_forward(self, x: torch.Tensor, update: bool, momentum: float) -> torch.Tensor:
+        """A batch that does not divide into the splits (the last batch of a pass over a data set that keeps every
+        image, e.g. SeLa's label pass): contiguous chunks of nearly equal sizes, as ``DataParallel`` scatters such a
+        batch over its GPUs, each normalised with its own statistics; running statistics as above."""
+        means, variances, outs = [], [], []
+        for chunk in torch.tensor_split(x, min(self.splits, x.shape[0])):
+            mean = self.running_mean.clone() if update else None
+            var = self.running_var.clone() if update else None
+            outs.append(F.batch_norm(chunk, mean, var, self.weight, self.bias, True, momentum, self.eps))
+            means.append(mean)
+            variances.append(var)
+        if update:
+            self.running_mean.copy_(torch.stack(means).mean(dim=0))
+            self.running_var.copy_(torch.stack(variances).mean(dim=0))
+        return torch.cat(outs)
+
+
+def bn_splits_of(module: nn.Module) -> int:
+    """The number of splits of ``module``'s split BatchNorm layers (1 when it has none): how many sub-batches a
+    key/target batch must be shuffled across before it."""
+    return max((m.splits for m in module.modules() if isinstance(m, _SplitBatchNorm)), default=1)
 
 
 class SplitBatchNorm1d(_SplitBatchNorm, nn.BatchNorm1d):
@@ -184,8 +210,6 @@ def split_shuffle(x: torch.Tensor, splits: int,
     batch = x.shape[0]
     if splits == 1:
         return x, torch.arange(batch, device=x.device)
-    if batch % splits:
-        raise _split_error(batch, splits)
     device = generator.device if generator is not None else x.device
     permutation = torch.randperm(batch, generator=generator, device=device).to(x.device)
     return x[permutation], torch.argsort(permutation)
