@@ -9,6 +9,7 @@ the nearest valid spelling.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -169,6 +170,9 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    # modules imported before the rest is read (a user's @register_method / @register_dataset / @register_backbone):
+    # importable module names, e.g. [mypkg.ssl_plugins]; every process imports them (CLI, torchrun, Slurm jobs)
+    imports: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return _plain(dataclasses.asdict(self))
@@ -243,8 +247,26 @@ def set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
     node[last] = value
 
 
+def import_plugins(modules: Any) -> None:
+    """Import the modules a config names under ``imports`` (by module name, on this Python's path), so that what
+    they register exists before the config names it."""
+    if modules is None:
+        return
+    if not isinstance(modules, (list, tuple)) or not all(isinstance(m, str) and m for m in modules):
+        raise ConfigError(f"imports must be a list of module names, e.g. imports=[mypkg.plugins], got {modules!r}")
+    for name in modules:
+        if not all(part.isidentifier() for part in name.split(".")):
+            raise ConfigError(f"imports: {name!r} is not a module name (a dotted Python name such as mypkg.plugins; "
+                              "put a file's folder on PYTHONPATH and name the file without .py)")
+        try:
+            importlib.import_module(name)
+        except ImportError as error:
+            raise ConfigError(f"imports: cannot import {name!r} ({error}); is its folder on PYTHONPATH?") from None
+
+
 def config_from_dict(raw: dict[str, Any]) -> Config:
     raw = dict(raw)
+    import_plugins(raw.get("imports"))
     method_raw = raw.pop("method", None)
     if isinstance(method_raw, str):
         method_raw = {"name": method_raw}

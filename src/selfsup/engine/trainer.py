@@ -585,6 +585,8 @@ def format_config(cfg: Config) -> str:
     def show(value: Any) -> str:
         return ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
 
-    return "\n".join(f"  {section}: " + " ".join(f"{k}={show(v)}" for k, v in values.items())
-                     for section, values in cfg.to_dict().items())
+    def line(values: Any) -> str:
+        return " ".join(f"{k}={show(v)}" for k, v in values.items()) if isinstance(values, dict) else show(values)
+
+    return "\n".join(f"  {section}: {line(values)}" for section, values in cfg.to_dict().items())
 
