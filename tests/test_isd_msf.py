@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from conftest import at, build, step, tiny_config
 from selfsup.cli import RECIPES
 from selfsup.config import load_config
+from selfsup.data.recipes import ViewLayout
 from selfsup.engine.monitors import neighbour_purity
 from selfsup.engine.trainer import Trainer
 from selfsup.methods.byol import byol_loss
@@ -140,7 +141,7 @@ def test_isd_teacher_is_the_ema_of_the_encoder_only(tmp_path):
     assert len(list(method.net.encoder_k.parameters())) == len(list(method.net.encoder_q.parameters()))
     assert method.queue.bank.shape == (256, 64)
     assert torch.allclose(method.queue.bank.norm(dim=0), torch.ones(64))  # train_isd.py's dim-0 quirk
-    assert method.views == ("aug+", "aug+")
+    assert method.views == ViewLayout.of("aug+", "aug+")
     with torch.no_grad():
         for p in [*method.net.encoder_q.parameters(), *method.net.predictor.parameters()]:
             p.add_(1.0)
@@ -159,8 +160,8 @@ def test_isd_plus_heads_queue_and_views(tmp_path):
     assert linear == [128, 16] == [m.out_features for m in method.net.encoder_k.head if isinstance(m, torch.nn.Linear)]
     assert [m.out_features for m in method.net.predictor if isinstance(m, torch.nn.Linear)] == [128, 16]
     assert torch.allclose(method.queue.bank.norm(dim=1), torch.ones(256))  # rows normalised correctly
-    assert method.views == ("aug+", "weak")  # (student, teacher): WEAK teacher, AUG+ student
-    assert _method(tmp_path, "isd_plus", "method.augmentation=strong/strong").views == ("aug+", "aug+")
+    assert method.views == ViewLayout.of("aug+", "weak")  # (student, teacher): WEAK teacher, AUG+ student
+    assert _method(tmp_path, "isd_plus", "method.augmentation=strong/strong").views == ViewLayout.of("aug+", "aug+")
 
 
 # ---------------------------------------------------------------------------------------------- MSF

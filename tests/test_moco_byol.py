@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import at, build, step, tiny_config
+from selfsup.data.recipes import ViewLayout
 from selfsup.engine.schedules import momentum_at
 from selfsup.methods.byol import byol_loss
 from selfsup.methods.moco import moco_loss
@@ -160,4 +161,4 @@ def test_byol_predictor_is_not_in_the_target(tmp_path):
 
 def test_byol_views_follow_augmentation_option(tmp_path):
     cfg = tiny_config(tmp_path, "method.augmentation=weak/strong", method="byol")
-    assert build(cfg).views == ("aug+", "weak")  # (query, target)
+    assert build(cfg).views == ViewLayout.of("aug+", "weak")  # (query, target)

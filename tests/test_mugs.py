@@ -17,6 +17,7 @@ from conftest import at, build, tiny_config
 from conftest import step as run_step
 from selfsup.cli import RECIPES
 from selfsup.config import load_config
+from selfsup.data.transforms import PerImageViews, pil_transform
 from selfsup.engine.schedules import momentum_at, scaled_lr, warmup_then_constant
 from selfsup.engine.trainer import Trainer
 from selfsup.methods import Progress
@@ -61,9 +62,15 @@ def fake_views(batch: int = 4, num_local: int = 2, global_size: int = 16, local_
     return crops, torch.tensor([True, False] * (batch // 2))  # and which images' student globals were weak
 
 
+def per_image_views(method, cfg):
+    """The per-image (PIL) backend of the method's view layout, as the trainer builds it."""
+    d = cfg.data
+    return PerImageViews(method.views.resolved(d.image_size, d.crop_scale, d.flip, d.blur), d.mean, d.std)
+
+
 def mugs_step(method, views):
     crops, weak = views
-    return run_step(method, crops, torch.arange(weak.shape[0]), student_weak=weak)
+    return run_step(method, crops, torch.arange(weak.shape[0]), student_strong=~weak)
 
 
 # ------------------------------------------------------------------------------------------------ losses
@@ -276,30 +283,33 @@ def test_last_layer_is_frozen_during_freeze_last_layer_epochs(tmp_path):
 def test_views_shapes_flag_and_determinism(tmp_path):
     cfg = mugs_config(tmp_path, "method.strong_prob=0.5")
     method = build(cfg, 128)
-    make = method.build_views(cfg.data)
+    make = per_image_views(method, cfg)
     image = Image.fromarray((np.random.default_rng(0).random((8, 8, 3)) * 255).astype(np.uint8))
     py_state = random.getstate()
     torch.manual_seed(3)
     first, first_choices = make(image)
     torch.manual_seed(3)
     second, second_choices = make(image)
+    assert set(first_choices) == {"student_strong", "local_0_strong", "local_1_strong"}
     assert random.getstate() == py_state  # RandAugment ran under a torch-drawn seed
     assert [tuple(v.shape) for v in first] == [(3, 16, 16)] * 4 + [(3, 8, 8)] * 2
-    flag = first_choices["student_weak"]
+    flag = first_choices["student_strong"]
     assert flag.dtype == torch.bool and flag.dim() == 0
     assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
-    assert torch.equal(flag, second_choices["student_weak"])
+    assert torch.equal(flag, second_choices["student_strong"])
     flags = set()
     for seed in range(20):
         torch.manual_seed(seed)
-        flags.add(bool(make(image)[1]["student_weak"]))
+        flags.add(bool(make(image)[1]["student_strong"]))
     assert flags == {True, False}
 
 
 def test_colour_jitter_option_keeps_grey_images_grey_and_skips_saturation_and_hue(tmp_path):
     cfg = mugs_config(tmp_path, "method.color_jitter=[0.4,0.4,0.0,0.0]", "method.strong_prob=0.0")
-    make = build(cfg, 128).build_views(cfg.data)
-    colour = next(t for t in make.crops.weak_global_1.transforms if isinstance(t, T.RandomApply)).transforms[0]
+    method = build(cfg, 128)
+    make = per_image_views(method, cfg)
+    weak_1 = pil_transform(method.views.resolved(16, (0.2, 1.0), False, True).slots[0])
+    colour = next(t for t in weak_1.transforms if isinstance(t, T.RandomApply)).transforms[0]
     assert (colour.saturation, colour.hue) == (None, None) and colour.brightness == (0.6, 1.4)
     grey = Image.fromarray((np.random.default_rng(1).random((8, 8)) * 255).astype(np.uint8)).convert("RGB")
     mean, std = torch.tensor(cfg.data.mean).view(3, 1, 1), torch.tensor(cfg.data.std).view(3, 1, 1)

@@ -11,7 +11,7 @@ from torch import nn
 from selfsup.methods.base import Embedding, EmbedRequest
 from selfsup.nn.sinkhorn import storage_device
 
-Prepare = Callable[[object, torch.Generator], torch.Tensor]  # a loader batch -> images on the device
+Prepare = Callable[[tuple, torch.Generator], torch.Tensor]  # a loader batch -> the images to embed, on the device
 
 
 @torch.no_grad()
@@ -29,7 +29,7 @@ def embed_shard(request: EmbedRequest, batches: Iterable, count: int, prepare: P
     filled = 0
     try:
         for batch in batches:
-            out = module(prepare(batch[0], generator)).float().flatten(1)
+            out = module(prepare(batch, generator)).float().flatten(1)
             if features is None:
                 where = storage_device(count * out.shape[1] * 4, device, request.storage)
                 features = torch.empty(count, out.shape[1], device=where)

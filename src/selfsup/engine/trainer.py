@@ -28,9 +28,10 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from selfsup.config import Config, ConfigError, check_choice, save_config
-from selfsup.data.batch_augment import batch_transform_from_config
 from selfsup.data.datasets import build_dataset
-from selfsup.data.loader import EpochSampler, ImageTensorDataset, MultiView, ViewDataset
+from selfsup.data.loader import EpochSampler, MultiView, ViewDataset
+from selfsup.data.pipeline import TrainingViews, training_views
+from selfsup.data.recipes import ViewLayout
 from selfsup.data.transforms import transform_from_config
 from selfsup.engine.budget import TimeBudget, parse_duration
 from selfsup.engine.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
@@ -203,16 +204,8 @@ class Trainer:
         seed_everything(cfg.train.seed)  # the same initial weights (and random-init baseline) on every start
         self.method: Method = method_for(cfg, len(self.train_set), self.train_set.num_classes)
         self.initial_backbone = copy.deepcopy(self.method.backbone.state_dict())
-        self.batch_views: list[torch.nn.Module] = []
-        if cfg.data.augment == "batch":
-            if type(self.method).build_views is not Method.build_views:
-                raise ConfigError(f"method {cfg.method.name!r} builds its own multi-crop views, which only "
-                                  "data.augment=per_sample supports")
-            self.batch_views = [batch_transform_from_config(cfg.data, name).to(self.device)
-                                for name in self.method.views]
-            self.dataset: Dataset = ImageTensorDataset(self.train_set)
-        else:
-            self.dataset = ViewDataset(self.train_set, self.method.build_views(cfg.data))
+        self.pipeline = training_views(self.method.views, cfg.data, self.train_set).to(self.device)
+        self.dataset: Dataset = self.pipeline.dataset
         self.loader = self._loader(self.dataset, self.sampler, cfg.train.seed)
 
     def _build_model(self) -> None:
@@ -341,26 +334,28 @@ class Trainer:
         layout = torch.channels_last if self.channels_last and images.dim() == 4 else torch.preserve_format
         return images.to(self.device, non_blocking=True, memory_format=layout)
 
-    def _augment_on_device(self, images: torch.Tensor) -> list[torch.Tensor]:
-        """``data.augment=batch``: every view of the whole batch in a few tensor ops on the training device,
+    def _augment_on_device(self, views: Any, choices: dict | None = None) -> list[torch.Tensor]:
+        """``data.augment=batch``: the device step of the data route (every op, or stage 2) for the whole batch,
         with a generator seeded by (run seed, rank, step) so a resumed run draws the same views."""
         generator = torch.Generator(device=self.device)
         generator.manual_seed((self.cfg.train.seed * 1_000_003 + self.dist.rank) * 1_000_000_007 + self.step)
-        return self._augment(images, self.batch_views, generator)
+        return self._complete(self.pipeline, views, choices or {}, generator)
 
-    def _augment(self, images: torch.Tensor, views: list[torch.nn.Module], generator: torch.Generator
-                 ) -> list[torch.Tensor]:
-        if images.dim() != 4:
-            raise ConfigError("data.augment=batch needs images of one size (in-memory data sets such as digits, "
-                              "fashion-mnist, cifar, stl10); use data.augment=per_sample")
-        images = images.to(self.device, non_blocking=True)
-        return [augment(images, generator) for augment in views]
+    def _complete(self, pipeline: TrainingViews, views: Any, choices: dict, generator: torch.Generator
+                  ) -> list[torch.Tensor]:
+        """The views of a loader batch on the device: moved there, and finished by the route's device step."""
+        if isinstance(views, torch.Tensor):
+            views = views.to(self.device, non_blocking=True)
+        else:
+            views = [view.to(self.device, non_blocking=True) for view in views]
+        return pipeline.device_step(views, choices, generator) if pipeline.device_step is not None else views
 
     def to_batch(self, sample: tuple) -> Batch:
         """A loader sample ``(views, choices, indices, labels)`` as the method's :class:`Batch` on the device (the
         labels stay behind: the engine reads them from the data set for its monitors)."""
         views, choices, indices, _ = sample
-        views = self._augment_on_device(views) if self.batch_views else views
+        if self.pipeline.device_step is not None:
+            views = self._augment_on_device(views, choices)
         return Batch([self._to_device(v) for v in views], indices.to(self.device, non_blocking=True),
                      {name: value.to(self.device, non_blocking=True) for name, value in choices.items()})
 
@@ -407,19 +402,17 @@ class Trainer:
         """This process's shard of the training set, embedded as ``request`` asks (the training views are drawn
         from ``request.seed``: the same on every start; under ``data.augment=batch`` on the device)."""
         sampler = self._sampler(seed=request.seed, drop_last=False, shuffle=request.shuffle)
-        views = self.batch_views[:1]
         if request.transform == "eval":
-            dataset: Dataset = ViewDataset(self.train_set, MultiView([transform_from_config(self.cfg.data, "eval")]))
-            views = []
-        elif views:
-            dataset = self.dataset  # raw images, augmented on the device below
-        else:
-            dataset = ViewDataset(self.train_set, self.method.build_views(self.cfg.data))
+            eval_views = ViewDataset(self.train_set, MultiView([transform_from_config(self.cfg.data, "eval")]))
+            pipeline = TrainingViews(eval_views, None, "per_sample")
+        else:  # the method's first view, by the run's route
+            first = ViewLayout(self.method.views.slots[:1])
+            pipeline = training_views(first, self.cfg.data, self.train_set).to(self.device)
 
-        def prepare(images: Any, generator: torch.Generator) -> torch.Tensor:
-            return self._augment(images, views, generator)[0] if views else self._to_device(images[0])
+        def prepare(sample: tuple, generator: torch.Generator) -> torch.Tensor:
+            return self._to_device(self._complete(pipeline, sample[0], sample[1], generator)[0])
 
-        loader = self._loader(dataset, sampler, request.seed)
+        loader = self._loader(pipeline.dataset, sampler, request.seed)
         return embed_shard(request, loader, len(sampler), prepare, self.device)
 
     def _log_reports(self) -> None:
@@ -570,7 +563,8 @@ class Trainer:
         c = self.cfg
         params = sum(p.numel() for p in self.method.backbone.parameters())
         return (f"{c.method.name} | {c.model.backbone} ({params / 1e6:.2f}M params) | {c.data.name}: "
-                f"{len(self.train_set)} images at {c.data.image_size}px, views {list(self.method.views)} | "
+                f"{len(self.train_set)} images at {c.data.image_size}px, views {self.method.views.describe()} "
+                f"({self.pipeline.route}) | "
                 f"batch {c.train.batch_size} on {self.dist.world_size} process(es), {self.device} | "
                 f"{self._length()} | {lr_scaling_rule(c.optim, c.train.batch_size)}, {c.optim.schedule}")
 

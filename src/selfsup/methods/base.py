@@ -16,9 +16,8 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from selfsup.config import DataConfig, MethodConfig
-from selfsup.data.loader import MultiView
-from selfsup.data.transforms import transform_from_config
+from selfsup.config import MethodConfig
+from selfsup.data.recipes import ViewLayout
 from selfsup.errors import check_choice
 from selfsup.registry import METHODS
 
@@ -62,7 +61,7 @@ class Batch:
 
     views: list[torch.Tensor]  # one (B, C, H, W) tensor per view, in the order of the method's ``views``
     indices: torch.Tensor  # (B,) int64 dataset indices
-    choices: dict[str, torch.Tensor] = field(default_factory=dict)  # per-image draws of the view layout (Mugs)
+    choices: dict[str, torch.Tensor] = field(default_factory=dict)  # (B,) bool per choice of the layout (Mugs)
 
 
 @dataclass
@@ -105,29 +104,30 @@ class MethodEntry(NamedTuple):
     config: type[MethodConfig]
 
 
-# view names are transform names of selfsup.data.transforms
+# view names are recipe names of selfsup.data.recipes
 AUGMENTATIONS = ("weak/strong", "weak/weak", "strong/weak", "strong/strong")
 _VIEW = {"weak": "weak", "strong": "aug+"}
 
 
-def augmentation_views(augmentation: str) -> tuple[str, str]:
-    """UMBC ``--augmentation target/query`` → transform names in our order (query view, target view).
+def augmentation_views(augmentation: str) -> ViewLayout:
+    """UMBC ``--augmentation target/query`` → the views in our order (query view, target view).
 
     ``weak/strong`` (the seeds' ``--weak_strong``): the key/target/teacher view is WEAK, the query
     view AUG+.
     """
     check_choice("method.augmentation", augmentation, AUGMENTATIONS)
     target, query = augmentation.split("/")
-    return _VIEW[query], _VIEW[target]
+    return ViewLayout.of(_VIEW[query], _VIEW[target])
 
 
 class Method(nn.Module):
     """Base class: subclasses set ``views`` and implement :meth:`training_step` and :attr:`backbone`.
 
-    ``views`` names one transform per view; the data pipeline produces them in this order.
+    ``views`` is the method's :class:`~selfsup.data.recipes.ViewLayout` (recipes or recipe names, and per-image
+    choices); every data route produces them in this order.
     """
 
-    views: tuple[str, ...] = ("aug+", "aug+")
+    views: ViewLayout = ViewLayout.of("aug+", "aug+")
 
     def __init__(self, cfg: MethodConfig, run: RunInfo):
         super().__init__()
@@ -147,11 +147,6 @@ class Method(nn.Module):
     def backbone(self) -> nn.Module:
         """The encoder that evaluation and export use."""
         raise NotImplementedError
-
-    def build_views(self, data: DataConfig) -> Callable:
-        """``image -> list of view tensors`` (or ``(views, choices)``) for the per-image pipeline. Default: one
-        transform per name in ``views``. Multi-crop methods override it."""
-        return MultiView([transform_from_config(data, name) for name in self.views])
 
     def parameter_groups(self) -> list[ParamGroup]:
         """Optimiser parameter groups. Default: every trainable parameter, weight decay on all of them

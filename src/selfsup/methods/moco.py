@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from selfsup.config import MethodConfig
+from selfsup.data.recipes import ViewLayout
 from selfsup.errors import check_choice
 from selfsup.methods.base import BackboneFactory, Batch, Method, Progress, RunInfo, StepOutput, register_method
 from selfsup.models.heads import mlp
@@ -52,7 +53,7 @@ class MoCo(Method):
     def __init__(self, cfg: MoCoConfig, backbone: BackboneFactory, run: RunInfo):
         super().__init__(cfg, run)
         check_choice("method.augmentation", cfg.augmentation, ("aug+", "moco_v1"))
-        self.views = (cfg.augmentation, cfg.augmentation)
+        self.views = ViewLayout.of(cfg.augmentation, cfg.augmentation)
         net, width = backbone()
         head: nn.Module = mlp([width, width, cfg.dim], batch_norm=False) if cfg.mlp else nn.Linear(width, cfg.dim)
         self.net = OnlineTarget(net, head)  # query encoder f_q, key encoder f_k = EMA(f_q); no predictor

@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from selfsup.config import DataConfig, MethodConfig
-from selfsup.data.multicrop import MugsViews, MultiCrop
+from selfsup.config import MethodConfig
+from selfsup.data.recipes import Choice, ViewLayout, dino_weak, mugs_strong
 from selfsup.engine.schedules import momentum_at, warmup_then_constant
 from selfsup.errors import ConfigError
 from selfsup.methods.base import (
@@ -136,6 +136,25 @@ def clip_per_parameter(parameters: list[nn.Parameter], max_norm: float) -> None:
     for p in parameters:
         if p.grad is not None:
             p.grad.mul_((max_norm / (p.grad.norm() + 1e-6)).clamp(max=1.0))
+
+
+# ------------------------------------------------------------------------------------------------ views
+
+
+def mugs_views(c: MugsConfig) -> ViewLayout:
+    """methods.md §6 "Views", the global side being data.image_size: the teacher's two weak globals (blur 1.0; blur
+    0.1 and solarise 0.2), the student's two globals (per image both fresh weak draws or, with ``strong_prob``, both
+    strong: flip, RandAugment, crop, erasing), and ``local_crops_number`` locals, each strong with ``strong_prob``."""
+    weak_1 = dino_weak("weak_global_1", None, c.global_crops_scale, blur_p=1.0, jitter=c.color_jitter)
+    weak_2 = dino_weak("weak_global_2", None, c.global_crops_scale, blur_p=0.1, solarize_p=0.2, jitter=c.color_jitter)
+    weak_local = dino_weak("weak_local", c.local_crop_size, c.local_crops_scale, blur_p=0.5, jitter=c.color_jitter)
+    strong = mugs_strong("strong_global", None, c.global_crops_scale, c.randaugment, c.strong_ratio, c.random_erasing)
+    strong_local = mugs_strong("strong_local", c.local_crop_size, c.local_crops_scale, c.randaugment, c.strong_ratio,
+                               c.random_erasing)
+    locals_ = [Choice(f"local_{i}_strong", (weak_local,), (strong_local,), c.strong_prob)
+               for i in range(c.local_crops_number)]
+    return ViewLayout.of(weak_1, weak_2, Choice("student_strong", (weak_1, weak_2), (strong, strong), c.strong_prob),
+                         *locals_)
 
 
 # ------------------------------------------------------------------------------------------------ networks
@@ -276,7 +295,7 @@ class Mugs(Method):
             self.teacher_memory = local_group_memory(cfg.memory_size, dim, cfg.legacy_ptr_bug)
         self.register_buffer("center", torch.zeros(1, cfg.group_out_dim if on[2] else 0))
         self.epoch = 0  # of the current step (on_step_start)
-        self.views = ("2 weak teacher globals", "2 weak|strong student globals", f"{cfg.local_crops_number} locals")
+        self.views = mugs_views(cfg)
 
     @property
     def backbone(self) -> nn.Module:
@@ -289,16 +308,8 @@ class Mugs(Method):
         return warmup_then_constant(c.group_warmup_teacher_temp, c.group_teacher_temp,
                                     c.group_warmup_teacher_temp_epochs, self.epoch)
 
-    def build_views(self, data: DataConfig) -> Callable[..., list[torch.Tensor]]:
-        c = self.cfg
-        crops = MultiCrop(data.image_size, c.local_crop_size, global_scale=c.global_crops_scale,
-                          local_scale=c.local_crops_scale, mean=data.mean, std=data.std, flip=data.flip,
-                          blur=data.blur, randaugment=c.randaugment, strong_ratio=c.strong_ratio,
-                          erase_prob=c.random_erasing, jitter=c.color_jitter)
-        return MugsViews(crops, c.local_crops_number, c.strong_prob)
-
     def training_step(self, batch: Batch) -> StepOutput:
-        crops, weak = batch.views, batch.choices["student_weak"]
+        crops, weak = batch.views, ~batch.choices["student_strong"]
         teacher_crops, student_crops = crops[:2], crops[2:]
         n = len(student_crops)
         with torch.no_grad():

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from selfsup.config import MethodConfig
-from selfsup.data.transforms import TRANSFORMS
+from selfsup.data.recipes import NAMED, ViewLayout
 from selfsup.errors import ConfigError, check_choice
 from selfsup.methods.base import (
     BackboneFactory,
@@ -119,13 +119,13 @@ class SeLa(Method):
         check_choice("method.relabel_heads", cfg.relabel_heads, ("all", "one"))
         check_choice("method.aggregate", cfg.aggregate, ("train", "eval"))
         check_choice("method.storage", cfg.storage, ("auto", "device", "host"))
-        check_choice("method.augmentation", cfg.augmentation, [t for t in TRANSFORMS if t != "eval"])
+        check_choice("method.augmentation", cfg.augmentation, NAMED)
         if cfg.ncl < 1 or cfg.hc < 1 or cfg.nopts < 1:
             raise ConfigError(f"method.ncl, method.hc and method.nopts must be positive, got {cfg.ncl}, {cfg.hc}, "
                               f"{cfg.nopts}")
         if cfg.ncl > run.num_samples:
             raise ConfigError(f"method.ncl={cfg.ncl} clusters cannot be equipartitioned over {run.num_samples} images")
-        self.views = (cfg.augmentation,)
+        self.views = ViewLayout.of(cfg.augmentation)
         self.encoder, width = backbone()
         self.heads = MultiHead(width, [cfg.ncl] * cfg.hc)
         self.times = relabel_times(run.total_steps / run.steps_per_epoch, run.num_samples, cfg.nopts, cfg.schedule)
