@@ -198,3 +198,19 @@ def cluster_alignment(train_features: torch.Tensor, train_labels: torch.Tensor, 
     mapping = alignment_map(train_clusters.cpu().numpy(), train_labels.cpu().numpy(), k, num_classes)
     predicted = mapping[val_clusters.cpu().numpy()]
     return {"align": 100.0 * float((predicted == val_labels.cpu().numpy()).mean())}
+
+
+@torch.no_grad()
+def cluster_tightness(features: torch.Tensor, assign: torch.Tensor, k: int, chunk_size: int = 65536) -> np.ndarray:
+    """(k,) mean cosine similarity of each cluster's members to the cluster's centroid (the mean of its members),
+    on L2-normalised ``features``: 1 for a cluster of identical directions; NaN for an empty cluster. Needs no
+    labels: the report ranks clusters by it when there are none."""
+    x = torch.nn.functional.normalize(features.float(), dim=1)
+    assign = assign.to(x.device)
+    directions = torch.nn.functional.normalize(torch.zeros(k, x.shape[1], device=x.device).index_add_(0, assign, x),
+                                               dim=1)
+    cosines = torch.cat([(x[s:s + chunk_size] * directions[assign[s:s + chunk_size]]).sum(1)
+                         for s in range(0, x.shape[0], chunk_size)])
+    sums = torch.bincount(assign, weights=cosines.double(), minlength=k)
+    counts = torch.bincount(assign, minlength=k).double()
+    return (sums / counts).cpu().numpy()  # 0/0 = NaN for empty clusters
