@@ -128,10 +128,10 @@ class MultiCrop:
 
 
 class MugsViews:
-    """``image -> [teacher g1, teacher g2, student g1, student g2, local_1 … local_L, weak_flag]``.
+    """``image -> ([teacher g1, teacher g2, student g1, student g2, local_1 … local_L], {"student_weak": flag})``.
 
     The teacher's globals are always weak. The student's two globals are, per image, both fresh weak draws
-    (``weak_flag`` true) or, with probability ``strong_prob``, both strong; each local crop is strong with
+    (flag true) or, with probability ``strong_prob``, both strong; each local crop is strong with
     probability ``strong_prob``. The flag is a 0-d bool tensor (a (B,) batch after collation).
     """
 
@@ -140,7 +140,7 @@ class MugsViews:
         self.num_local = num_local
         self.strong_prob = strong_prob
 
-    def __call__(self, image: Image.Image) -> list[torch.Tensor]:
+    def __call__(self, image: Image.Image) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
         c = self.crops
         views = [c.weak_global_1(image), c.weak_global_2(image)]
         weak = bool(torch.rand(()).item() >= self.strong_prob)
@@ -151,4 +151,4 @@ class MugsViews:
         for _ in range(self.num_local):
             strong = torch.rand(()).item() < self.strong_prob
             views.append(c.strong_local(image) if strong else c.weak_local(image))
-        return [*views, torch.tensor(weak)]
+        return views, {"student_weak": torch.tensor(weak)}

@@ -214,3 +214,14 @@ def cluster_tightness(features: torch.Tensor, assign: torch.Tensor, k: int, chun
     sums = torch.bincount(assign, weights=cosines.double(), minlength=k)
     counts = torch.bincount(assign, minlength=k).double()
     return (sums / counts).cpu().numpy()  # 0/0 = NaN for empty clusters
+
+
+def pseudo_label_scores(labels: np.ndarray, targets: np.ndarray) -> dict[str, dict[str, float]]:
+    """NMI (arithmetic and geometric averaging), aNMI, ARI and Hungarian label accuracy (%) of every head's
+    pseudo-labels (``labels``: (heads, N)) against the true ``targets`` (N,), over the samples with a
+    target ≥ 0; keys ``head0``, ``head1``, …, then ``mean`` (over heads)."""
+    labels, targets = np.asarray(labels), np.asarray(targets)
+    known = targets >= 0
+    scores = {f"head{h}": clustering_scores(head[known], targets[known]) for h, head in enumerate(labels)}
+    scores["mean"] = {name: float(np.mean([s[name] for s in scores.values()])) for name in scores["head0"]}
+    return scores

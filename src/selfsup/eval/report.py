@@ -363,7 +363,7 @@ def wall_time(records: list[dict]) -> str:
 def _summary_rows(cfg: Config, state: dict, checkpoint: Path, method: Any, val_size: int,
                   records: list[dict]) -> list[tuple[str, str]]:
     params = sum(p.numel() for p in method.backbone.parameters())
-    train_size = method.data.num_samples  # the training set load_run built the method for
+    train_size = method.run.num_samples  # the training set load_run built the method for
     d, t = cfg.data, cfg.train
     return [
         ("method", cfg.method.name),
