@@ -139,6 +139,9 @@ class EvalConfig:
     linear_weight_decays: list[float] = field(default_factory=lambda: [1e-6, 1e-5, 1e-4, 1e-3, 1e-2])  # fast: grid
     linear_vit_blocks: int = 4  # ViT: the probe sees the normed CLS of the last n blocks (Mugs/DINO ViT-S; capped)
     linear_vit_avgpool: bool = False  # ViT: append the mean patch token of the last block (their ViT-B, n = 1)
+    # label-free protocols and pictures (selfsup.eval.retrieval, selfsup.eval.report)
+    duplicate_threshold: float = 0.95  # cosine at or above which two images count as near duplicates
+    retrieval_k: int = 8  # neighbours per query in the report's retrieval grid
 
 
 @dataclass
