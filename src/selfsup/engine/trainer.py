@@ -8,9 +8,11 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import platform
 import random
 import re
+import shutil
 import signal
 import sys
 import threading
@@ -49,6 +51,7 @@ from selfsup.methods import Batch, Embedding, EmbedRequest, Method, ParamGroup, 
 from selfsup.models.backbones import backbone_factory
 from selfsup.nn import distributed
 from selfsup.nn.split_bn import apply_bn_splits, check_bn_splits
+from selfsup.tracking import MultiTracker, build_trackers, write_environment
 
 CHECKPOINT_FORMAT = 2  # 2: methods hold their online/target pair as ``net`` and memory banks store dataset indices
 
@@ -132,6 +135,7 @@ class Trainer:
         self.clock = clock
         self.step_callbacks: list[Callable[[Trainer], None]] = []  # called after every step (benchmarks)
         self.preemption_signals = PREEMPTION_SIGNALS  # a launcher may add its own (submitit's USR2)
+        self.tracker: MultiTracker | None = None  # the tracking back ends, during fit() on rank 0
         self._setup_process()
         self._build_data()
         self._build_method()
@@ -307,15 +311,26 @@ class Trainer:
         torch.set_rng_state(state["rng_cpu"])
         if "rng_cuda" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng_cuda"])
-        if self.is_main:
-            print(f"resumed from {path} at epoch {self.epoch}, step {self.step}", flush=True)
+        self.say(f"resumed from {path} at epoch {self.epoch}, step {self.step}")
 
     # ------------------------------------------------------------------ one step
 
     def log(self, record: dict[str, Any]) -> None:
+        """One record into ``metrics.jsonl`` (rank 0) and the numbers into the tracking back ends."""
         if self.is_main:
             with open(self.run_dir / "metrics.jsonl", "a") as handle:
                 handle.write(json.dumps(record) + "\n")
+            if self.tracker is not None:
+                values = {key: value for key, value in record.items() if key != "step"}
+                self.tracker.log_scalars(int(record.get("step", self.step)), values)
+
+    def say(self, message: str, *, error: bool = False) -> None:
+        """Show ``message`` (rank 0; above the progress bar) and keep it in the run's ``train.log``."""
+        if not self.is_main:
+            return
+        tqdm.write(message, file=sys.stderr if error else sys.stdout)
+        with open(self.run_dir / "train.log", "a") as handle:
+            handle.write(message + "\n")
 
     @property
     def progress(self) -> Progress:
@@ -418,8 +433,7 @@ class Trainer:
     def _log_reports(self) -> None:
         for record in self.method.take_reports():
             self.log({"step": self.step, **record})
-            if self.is_main:
-                tqdm.write(f"{self.cfg.method.name}: " + " ".join(f"{k}={v}" for k, v in record.items()))
+            self.say(f"{self.cfg.method.name}: " + " ".join(f"{k}={v}" for k, v in record.items()))
 
     # ------------------------------------------------------------------ the loop
 
@@ -435,15 +449,23 @@ class Trainer:
         saves and raises :class:`Preempted`; the same command with ``train.resume=auto`` (or ``--resume RUN``)
         continues."""
         previous = self._catch_preemption()
+        if self.is_main:
+            write_environment(self.run_dir)
+            self.tracker = build_trackers(self.cfg.log.backends, self.run_dir, self.run_dir.name, self.cfg.to_dict())
         try:
-            self._train()
+            try:
+                self._train()
+            finally:
+                for signum, handler in previous.items():
+                    signal.signal(signum, handler)
+            results: dict[str, Any] = {}
+            for callback in self.callbacks:
+                results.update(callback.on_train_end(self) or {})
+            return results
         finally:
-            for signum, handler in previous.items():
-                signal.signal(signum, handler)
-        results: dict[str, Any] = {}
-        for callback in self.callbacks:
-            results.update(callback.on_train_end(self) or {})
-        return results
+            if self.tracker is not None:
+                self.tracker.close()
+                self.tracker = None
 
     def _catch_preemption(self) -> dict:
         self._signal: int | None = None
@@ -461,8 +483,7 @@ class Trainer:
 
     def _train(self) -> None:
         t = self.cfg.train
-        if self.is_main:
-            print(f"run folder: {self.run_dir}\n{self._summary()}\n{format_config(self.cfg)}", flush=True)
+        self.say(f"run folder: {self.run_dir}\n{self._summary()}\n{format_config(self.cfg)}")
         o = self.cfg.optim
         self.log({"lr_scaling": lr_scaling_in_effect(o), "optim_lr": o.lr,
                   "reference_batch_size": o.reference_batch_size, "batch_size": t.batch_size, "base_lr": self.base_lr})
@@ -524,8 +545,7 @@ class Trainer:
         message = (f"stopped by signal {self._signal} at step {self.step}; checkpoint saved in "
                    f"{self.run_dir}. Resume with: selfsup train --resume {self.run_dir}")
         self.log({"preempted_at_step": self.step})
-        if self.is_main:
-            print(message, file=sys.stderr, flush=True)
+        self.say(message, error=True)
         raise Preempted(message)
 
     def _end_epoch(self, elapsed: float, seen: int, loss_sum: torch.Tensor, log_sums: dict[str, torch.Tensor]) -> None:
@@ -542,12 +562,29 @@ class Trainer:
         for callback in self.callbacks:
             callback.on_epoch_end(self, summary)
         self.log(summary)
-        if self.is_main:
-            scores = " ".join(f"{k}={v:.4g}" for k, v in summary.items() if k != "epoch_end")
-            print(f"epoch {self.epoch}/{self.planned_epochs}: {scores}", flush=True)
+        scores = " ".join(f"{k}={v:.4g}" for k, v in summary.items() if k != "epoch_end")
+        self.say(f"epoch {self.epoch}/{self.planned_epochs}: {scores}")
         if self.epoch % self.cfg.train.checkpoint_every_epochs == 0 or self.epoch == self.planned_epochs:
             self.save()
+            self._keep_epoch_checkpoint()
             self._last_save = self.clock()
+
+    def _keep_epoch_checkpoint(self) -> None:
+        """``train.keep_checkpoints=N``: a copy of this epoch's checkpoint (a hard link where the disk allows), and
+        only the last N such copies."""
+        keep = self.cfg.train.keep_checkpoints
+        if keep <= 0 or not self.is_main or not self.checkpoint_path.is_file():
+            return
+        copy_path = self.run_dir / f"checkpoint-epoch{self.epoch}.pt"
+        copy_path.unlink(missing_ok=True)
+        try:
+            os.link(self.checkpoint_path, copy_path)
+        except OSError:
+            shutil.copyfile(self.checkpoint_path, copy_path)
+        kept = sorted(self.run_dir.glob("checkpoint-epoch*.pt"),
+                      key=lambda path: int(path.stem.removeprefix("checkpoint-epoch")))
+        for old in kept[:-keep]:
+            old.unlink(missing_ok=True)
 
     @property
     def planned_epochs(self) -> int:
