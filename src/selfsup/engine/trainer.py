@@ -47,7 +47,17 @@ from selfsup.engine.schedules import (
     scaled_lr,
     weight_decay_at,
 )
-from selfsup.methods import Batch, Embedding, EmbedRequest, Method, ParamGroup, Progress, RunInfo, build_method
+from selfsup.methods import (
+    Batch,
+    Embedding,
+    EmbedRequest,
+    Method,
+    ParamGroup,
+    Progress,
+    RunInfo,
+    StepOutput,
+    build_method,
+)
 from selfsup.models.backbones import backbone_factory
 from selfsup.nn import distributed
 from selfsup.nn.split_bn import apply_bn_splits, check_bn_splits
@@ -215,9 +225,12 @@ class Trainer:
     def _build_model(self) -> None:
         t = self.cfg.train
         self.channels_last = t.channels_last if t.channels_last is not None else self.device.type == "cuda"
-        splits = self.cfg.model.bn_splits
+        splits, micro = self.cfg.model.bn_splits, t.accumulate_steps
+        if micro < 1 or self.batch_per_rank % micro:
+            raise ConfigError(f"train.accumulate_steps={micro} must be at least 1 and divide the per-process batch "
+                              f"({self.batch_per_rank} = train.batch_size / processes) into equal micro-batches")
         try:
-            check_bn_splits(splits, t.batch_size, self.dist.world_size, t.sync_bn)
+            check_bn_splits(splits, t.batch_size // micro, self.dist.world_size, t.sync_bn)  # per micro-batch
             apply_bn_splits(self.method, splits)  # per-"GPU" statistics in every BatchNorm of the method
         except ValueError as error:
             raise ConfigError(str(error)) from None
@@ -232,10 +245,12 @@ class Trainer:
         self.optimizer = self._optimizer(self.param_groups)
         self.base_lr = scaled_lr(self.cfg.optim, t.batch_size)
         self.model: torch.nn.Module = self.method
+        self.ddp: DistributedDataParallel | None = None
         if self.dist.world_size > 1:
-            self.model = DistributedDataParallel(
+            self.ddp = DistributedDataParallel(
                 self.method, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 broadcast_buffers=False)
+            self.model = self.ddp
         if t.compile:
             self.model = torch.compile(self.model)
 
@@ -381,16 +396,12 @@ class Trainer:
             group["weight_decay"] = weight_decay if options.weight_decay else 0.0
         return lr
 
-    def train_step(self, batch: Batch) -> tuple[Any, float]:
+    def train_step(self, batch: Batch) -> tuple[StepOutput, float]:
         self._embed_if_requested()
         self.method.on_step_start(self.progress)
         lr = self._apply_schedules()
-        with self.autocast():
-            out = self.model(batch)
-        if out.neighbours is not None and self.targets is not None:
-            out.logs["purity"] = neighbour_purity(out.neighbours, batch.indices, self.targets)
         self.optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
+        out = self._forward_backward(batch)
         self.method.on_before_optimizer_step(self.progress)
         self.optimizer.step()
         self.step += 1
@@ -400,6 +411,29 @@ class Trainer:
         self.method.on_after_step(self.progress)
         self._log_reports()
         return out, lr
+
+    def _forward_backward(self, batch: Batch) -> StepOutput:
+        """Loss and gradients of one step's batch; with ``train.accumulate_steps=n`` in n micro-batches, each
+        forward on its own (BatchNorm statistics, queue and memory-bank writes per micro-batch), each loss weighted
+        by its share of the batch so the gradients are those of the batch's mean loss, DDP synchronising once."""
+        parts = batch.split(self.cfg.train.accumulate_steps)
+        outs = []
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            with self.ddp.no_sync() if self.ddp is not None and not last else nullcontext():
+                with self.autocast():
+                    out = self.model(part)
+                if out.neighbours is not None and self.targets is not None:
+                    out.logs["purity"] = neighbour_purity(out.neighbours, part.indices, self.targets)
+                (out.loss * (len(part.indices) / len(batch.indices)) if len(parts) > 1 else out.loss).backward()
+            outs.append(out)
+        if len(outs) == 1:
+            return outs[0]
+        weights = [len(part.indices) / len(batch.indices) for part in parts]
+        loss = sum(w * o.loss.detach() for w, o in zip(weights, outs, strict=True))
+        logs = {key: sum(w * o.logs[key].detach().float() for w, o in zip(weights, outs, strict=True))
+                for key in outs[0].logs}
+        return StepOutput(loss, logs)
 
     # ------------------------------------------------------------------ the embedding service
 
