@@ -39,6 +39,7 @@ from selfsup.engine.budget import TimeBudget, parse_duration
 from selfsup.engine.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from selfsup.engine.embedding import embed_shard
 from selfsup.engine.monitors import neighbour_purity
+from selfsup.engine.run_folder import RunLock, check_run_name, remove_orphans, truncate_metrics
 from selfsup.engine.schedules import (
     lr_at_planned_step,
     lr_at_step,
@@ -115,6 +116,14 @@ class Preempted(RuntimeError):
 PREEMPTION_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGUSR1") if hasattr(signal, name))
 
 
+def ignore_preemption_signals(worker_id: int) -> None:
+    """In a DataLoader worker: SIGTERM/SIGUSR1/SIGUSR2 sent to the whole process group (``scancel``, pre-emption) are
+    for the main process, which checkpoints at the next step boundary and then shuts its workers down."""
+    for name in ("SIGTERM", "SIGUSR1", "SIGUSR2"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
+
+
 class Callback:
     """Hooks into a training run (evaluation, monitors, benchmarks). Every hook is optional."""
 
@@ -154,15 +163,48 @@ class Trainer:
         self.step = 0  # optimiser steps done
         self.step_in_epoch = 0
         self._saved_at = (-1, -1)
+        self._epoch_sums: dict[str, float] = {}  # loss and log sums of the epoch so far (a mid-epoch checkpoint)
+        self._last_loss: torch.Tensor | None = None
+        self._signal: int | None = None
+        # the finite-loss check's cadence: every step on CPU (free), every log_every_steps on GPU (a host sync)
+        self.finite_check_every = 1 if self.device.type == "cpu" else cfg.train.log_every_steps
+        self.lock: RunLock | None = None
         self.run_dir = self._run_dir()
         self.checkpoint_path = self.run_dir / CHECKPOINT_NAME
-        for callback in self.callbacks:
-            callback.on_init(self)
-        resume = resume or cfg.train.resume
+        try:
+            for callback in self.callbacks:
+                callback.on_init(self)
+            self._start_or_resume(resume or cfg.train.resume)
+        except BaseException:
+            self.close()
+            raise
+
+    def _start_or_resume(self, resume: str | Path | None) -> None:
+        """Resume from ``resume`` (a checkpoint, a run folder, or ``auto``: this run's checkpoint if any), or start
+        afresh in a folder that holds no run; only then write the folder's config.yaml (a refused resume leaves it)."""
         if resume == "auto":
             resume = self.checkpoint_path if self.checkpoint_path.is_file() else None
+        metrics = self.run_dir / "metrics.jsonl"
+        if resume is None and self.is_main and self.checkpoint_path.is_file():
+            state = load_checkpoint(self.checkpoint_path)
+            raise ConfigError(
+                f"run folder {self.run_dir} already holds a run (checkpoint at epoch {state.get('epoch')}, step "
+                f"{state.get('step')}): continue it with train.resume=auto (or selfsup train --resume {self.run_dir}), "
+                "or start a new one under another train.run_name")
         if resume:
             self.load(resume)
+        if self.is_main:
+            if resume:
+                truncate_metrics(metrics, self.step, self.epoch)  # the records after the checkpoint come again
+            else:
+                metrics.unlink(missing_ok=True)  # a run that never checkpointed starts again from step 0
+            save_config(self.cfg, self.run_dir / "config.yaml")
+
+    def close(self) -> None:
+        """Give the run folder up (the lock); :meth:`fit` does it when it ends."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
     # ------------------------------------------------------------------ construction
 
@@ -211,6 +253,7 @@ class Trainer:
             # its own generator: starting an epoch's iterator must not draw from the global RNG, which the
             # model's own randomness (dropout, drop-path) uses and a resume restores
             generator=torch.Generator().manual_seed(seed),
+            worker_init_fn=ignore_preemption_signals,  # the main process checkpoints; a worker must not die first
         )
 
     def _build_method(self) -> None:
@@ -263,8 +306,9 @@ class Trainer:
         return torch.optim.AdamW(params, lr=o.lr, **fused)
 
     def _run_dir(self) -> Path:
+        """The run folder, owned by this run (rank 0 holds its lock) and cleared of a killed run's temporary files."""
         t = self.cfg.train
-        name = self.cfg.run_name()
+        name = check_run_name(self.cfg.run_name())
         if self.dist.world_size > 1:  # every rank must agree on rank 0's timestamp
             holder = [name]
             dist.broadcast_object_list(holder, src=0)
@@ -272,7 +316,9 @@ class Trainer:
         run_dir = Path(t.output_dir) / name
         if self.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(self.cfg, run_dir / "config.yaml")
+            self.lock = RunLock(run_dir)
+            self.lock.acquire()
+            remove_orphans(run_dir)
         return run_dir
 
     # ------------------------------------------------------------------ state
@@ -289,6 +335,10 @@ class Trainer:
             "total_steps": self.total_steps,
             "rng_cpu": torch.get_rng_state(),
         }
+        if 0 < self.step_in_epoch < self.steps_per_epoch and hasattr(self, "_running_sums"):
+            loss_sum, log_sums = self._running_sums
+            values = torch.stack([loss_sum, *log_sums.values()]).tolist()  # one transfer, at checkpoint time only
+            state["epoch_sums"] = dict(zip(["loss", *log_sums], values, strict=True))
         if torch.cuda.is_available():
             state["rng_cuda"] = torch.cuda.get_rng_state_all()
         if self.budget is not None:
@@ -296,11 +346,31 @@ class Trainer:
         return state
 
     def save(self) -> None:
-        """Write the checkpoint (rank 0) unless it already holds this position."""
+        """Write the checkpoint (rank 0) unless it already holds this position, and never a non-finite one: the
+        step's loss and every parameter and buffer are checked first, in one fused pass."""
         position = (self.epoch, self.step)
-        if self.is_main and self._saved_at != position:
+        if self._saved_at == position:
+            return
+        if not self._finite():
+            raise NonFiniteLossError(f"the loss or the weights became non-finite by step {self.step} (epoch "
+                                     f"{self.epoch}); {self._kept()}. Lower optim.lr or check the data.")
+        if self.is_main:
             save_checkpoint(self.state_dict(), self.checkpoint_path)
         self._saved_at = position
+
+    def _finite(self) -> bool:
+        """Whether the last loss and all floating parameters and buffers are finite: one multi-tensor norm and one
+        host read (the norm of a tensor holding a NaN or an infinity is not finite)."""
+        tensors = [t.detach() for t in (*self.method.parameters(), *self.method.buffers()) if t.is_floating_point()]
+        if self._last_loss is not None:
+            tensors.append(self._last_loss.reshape(1))
+        norms = [norm.float().reshape(1) for norm in torch._foreach_norm(tensors)] if tensors else []
+        return bool(torch.isfinite(torch.cat(norms)).all()) if norms else True
+
+    def _kept(self) -> str:
+        if self.checkpoint_path.is_file():
+            return f"the last good checkpoint is kept at {self.checkpoint_path}"
+        return "no checkpoint had been written yet, so there is nothing to resume from"
 
     def load(self, path: str | Path) -> None:
         state = load_checkpoint(path, map_location="cpu")
@@ -320,6 +390,8 @@ class Trainer:
         self.epoch, self.step = int(state["epoch"]), int(state["step"])
         self._saved_at = (self.epoch, self.step)
         self.step_in_epoch = int(state.get("step_in_epoch", 0))
+        self._epoch_sums = {str(k): float(v) for k, v in state.get("epoch_sums", {}).items()} if self.step_in_epoch \
+            else {}
         if self.budget_seconds is not None:
             self.total_steps = int(state.get("total_steps", self.total_steps))
             self._seconds_done = float(state.get("train_seconds", 0.0))
@@ -473,36 +545,45 @@ class Trainer:
 
     def _check_finite(self, loss: torch.Tensor) -> None:
         if not torch.isfinite(loss).all():
-            raise NonFiniteLossError(
-                f"the loss became {loss.item()} at step {self.step} (epoch {self.epoch}); the last good "
-                f"checkpoint is kept at {self.checkpoint_path}. Lower optim.lr or check the data."
-            )
+            raise NonFiniteLossError(f"the loss became {loss.item()} at step {self.step} (epoch {self.epoch}); "
+                                     f"{self._kept()}. Lower optim.lr or check the data.")
 
     def fit(self) -> dict[str, Any]:
         """Train to the end (or the time budget), then run the callbacks' ends (evaluation). A pre-emption signal
         saves and raises :class:`Preempted`; the same command with ``train.resume=auto`` (or ``--resume RUN``)
         continues."""
         previous = self._catch_preemption()
-        if self.is_main:
-            write_environment(self.run_dir)
-            self.tracker = build_trackers(self.cfg.log.backends, self.run_dir, self.run_dir.name, self.cfg.to_dict())
         try:
-            try:
-                self._train()
-            finally:
-                for signum, handler in previous.items():
-                    signal.signal(signum, handler)
+            if self.is_main:
+                write_environment(self.run_dir)
+                self.tracker = build_trackers(self.cfg.log.backends, self.run_dir, self.run_dir.name,
+                                              self.cfg.to_dict())
+            self._train()
             results: dict[str, Any] = {}
-            for callback in self.callbacks:
+            for callback in self.callbacks:  # the signal handler stays: a signal here ends the run cleanly too
                 results.update(callback.on_train_end(self) or {})
+                if self.signalled:
+                    message = (f"stopped by signal {self._signal} after training, in the final evaluation; the "
+                               f"trained checkpoint is saved in {self.run_dir}. Evaluate it with: selfsup eval "
+                               f"{self.run_dir}")
+                    self.say(message, error=True)
+                    raise Preempted(message)
             return results
         finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
             if self.tracker is not None:
                 self.tracker.close()
                 self.tracker = None
+            self.close()
+
+    @property
+    def signalled(self) -> bool:
+        """Whether a pre-emption signal arrived (callbacks may stop early: :meth:`fit` then raises Preempted)."""
+        return self._signal is not None
 
     def _catch_preemption(self) -> dict:
-        self._signal: int | None = None
+        self._signal = None
         if threading.current_thread() is not threading.main_thread():
             return {}
 
@@ -537,8 +618,13 @@ class Trainer:
         t = self.cfg.train
         self.method.train()
         self.sampler.set_epoch(self.epoch, self.step_in_epoch)
-        started, seen, loss_sum = self.clock(), 0, torch.zeros((), device=self.device)
-        log_sums: dict[str, torch.Tensor] = {}
+        # the sums of the epoch so far: restored from a mid-epoch checkpoint, so the epoch's means cover it whole
+        restored, self._epoch_sums = self._epoch_sums, {}
+        first_step = 0 if restored else self.step_in_epoch
+        started, seen = self.clock(), 0
+        loss_sum = torch.tensor(restored.get("loss", 0.0), device=self.device)
+        log_sums = {key: torch.tensor(value, device=self.device) for key, value in restored.items() if key != "loss"}
+        self._running_sums = (loss_sum, log_sums)  # what a mid-epoch checkpoint saves
         bar = tqdm(self.loader, total=self.steps_per_epoch, initial=self.step_in_epoch,
                    desc=f"epoch {self.epoch + 1}/{self.planned_epochs}", leave=False, dynamic_ncols=True,
                    disable=not (t.progress_bar and self.is_main), file=sys.stdout)
@@ -546,10 +632,11 @@ class Trainer:
         for sample in bar:
             out, lr = self.train_step(self.to_batch(sample))
             seen += sample[2].shape[0] * self.dist.world_size
+            self._last_loss = out.loss.detach()
             loss_sum += out.loss.detach().float()
             for key, value in out.logs.items():  # summed on the device: no host sync per step
-                log_sums[key] = log_sums.get(key, 0.0) + value.detach().float()
-            if self.step % t.log_every_steps == 0 or self.device.type == "cpu":
+                log_sums[key] = log_sums[key] + value.detach().float() if key in log_sums else value.detach().float()
+            if self.step % self.finite_check_every == 0:
                 self._check_finite(out.loss.detach())
             if self.step % t.log_every_steps == 0:
                 record = {"step": self.step, "epoch": self.step / self.steps_per_epoch,
@@ -571,7 +658,7 @@ class Trainer:
         bar.close()
         if stop and self.step_in_epoch < self.steps_per_epoch:
             return True  # mid-epoch stop: the final checkpoint resumes inside this epoch (a budget run is done)
-        self._end_epoch(self.clock() - started, seen, loss_sum, log_sums)
+        self._end_epoch(self.clock() - started, seen, loss_sum, log_sums, first_step)
         return stop
 
     def _stop_for_signal(self) -> None:
@@ -582,8 +669,9 @@ class Trainer:
         self.say(message, error=True)
         raise Preempted(message)
 
-    def _end_epoch(self, elapsed: float, seen: int, loss_sum: torch.Tensor, log_sums: dict[str, torch.Tensor]) -> None:
-        steps_done = self.steps_per_epoch - self.sampler.start_batch
+    def _end_epoch(self, elapsed: float, seen: int, loss_sum: torch.Tensor, log_sums: dict[str, torch.Tensor],
+                   first_step: int) -> None:
+        steps_done = self.steps_per_epoch - first_step  # all of them, unless resumed from an older checkpoint
         self.epoch += 1
         self.step_in_epoch = 0
         summary: dict[str, Any] = {"epoch_end": self.epoch, "seconds": round(elapsed, 2),
@@ -591,6 +679,8 @@ class Trainer:
         summary["loss_mean"] = float(distributed.all_reduce_mean(loss_sum)) / max(steps_done, 1)
         for key, total in log_sums.items():  # epoch means of what the method logs (e.g. purity)
             summary[f"{key}_mean"] = float(distributed.all_reduce_mean(total)) / max(steps_done, 1)
+        if first_step:
+            summary["partial_from_step"] = first_step  # the means cover the steps after a resume only
         if self.train_set.skipped:
             summary["skipped_images"] = self.train_set.skipped
         for callback in self.callbacks:

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from selfsup.config import Config
+from selfsup.engine.checkpoint import atomic_write
 from selfsup.engine.trainer import Callback, Trainer
 from selfsup.eval.clustering import clustering_scores
 from selfsup.eval.features import check_pool_grid
@@ -63,8 +64,9 @@ class Evaluation(Callback):
         if not (e.at_end and e.protocols and trainer.is_main):
             return {}
         results = self.evaluate(trainer, e.protocols, random_init=e.compare_random_init)
-        with open(trainer.run_dir / "eval.json", "w") as handle:
-            json.dump(results, handle, indent=2)
+        if trainer.signalled:
+            return {}  # stopped part-way: no eval.json that would look complete
+        atomic_write(trainer.run_dir / "eval.json", lambda handle: handle.write(json.dumps(results, indent=2).encode()))
         trainer.say(format_scores(results))
         trainer.say(f"run folder: {trainer.run_dir}")
         if trainer.tracker is not None:
@@ -84,11 +86,11 @@ class Evaluation(Callback):
 
     def evaluate(self, trainer: Trainer, protocols: list[str], *, random_init: bool,
                  quiet: bool = False) -> dict[str, dict]:
-        """Scores of the trained backbone (and of the same backbone at its initial weights)."""
+        """Scores of the trained backbone (and of the same backbone at its initial weights, unless a signal came)."""
         progress = not quiet and self.cfg.train.progress_bar
         results = {"trained": evaluate_backbone(trainer.method.backbone, self.cfg, trainer.device, protocols,
                                                 progress=progress)}
-        if random_init:
+        if random_init and not trainer.signalled:
             results["random_init"] = evaluate_backbone(trainer.initial_backbone_copy(), self.cfg, trainer.device,
                                                        protocols, progress=progress)
         return results
