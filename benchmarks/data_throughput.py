@@ -69,7 +69,8 @@ from torchvision import datasets
 from torchvision import transforms as T
 
 from selfsup.config import IMAGENET_MEAN, IMAGENET_STD
-from selfsup.data.multicrop import MugsViews, MultiCrop, RandomPILBlur
+from selfsup.data import recipes as R
+from selfsup.data.transforms import PerImageViews, RandomPILBlur
 from selfsup.engine.trainer import device_name
 
 VIEWS = ("2x224", "mugs")
@@ -205,26 +206,63 @@ def torchvision_pipeline(options: Options) -> Pipeline:
     if options.views == "2x224":
         transform: Any = TwoViews(moco_aug_plus(options.size))
         profiled = {"aug+": transform.transform}
-    else:
-        crops = MultiCrop(options.size, options.local_size, mean=IMAGENET_MEAN, std=IMAGENET_STD)
-        transform = MugsViews(crops, num_local=options.num_local)
-        profiled = {name: getattr(crops, name) for name in
-                    ("weak_global_1", "weak_global_2", "weak_local", "strong_global", "strong_local")}
+    else:  # the official multi-crop, per image: selfsup's PIL backend of the Mugs recipes (methods/mugs.py)
+        layout = mugs_layout(options).resolved(options.size, (0.2, 1.0), True, True)
+        transform = PerImageViews(layout, IMAGENET_MEAN, IMAGENET_STD)
+        profiled = {f"slot {i}": [*default, *alternative] for i, (_, default, alternative, _) in
+                    enumerate(transform.slots)}
     dataset = datasets.ImageFolder(str(options.folder), transform=transform)
     return Pipeline(dataset, copy_views, profiled=profiled)
 
 
+def mugs_layout(options: Options) -> R.ViewLayout:
+    """Mugs' views (4 global crops of ``size``, ``num_local`` local crops of ``local_size``) with its defaults."""
+    from selfsup.methods.mugs import MugsConfig, mugs_views
+
+    return mugs_views(MugsConfig(local_crop_size=options.local_size, local_crops_number=options.num_local))
+
+
+class SeededKeys(Dataset):
+    """A selfsup view data set (keyed by (index, seed), as the trainer's sampler yields) behind integer indices."""
+
+    def __init__(self, views: Dataset):
+        self.views = views
+
+    def __len__(self) -> int:
+        return len(self.views)
+
+    def __getitem__(self, index: int) -> Any:
+        return self.views[(index, 1_000_003 * index + 7)]
+
+
 @register_pipeline("two_stage")
 def two_stage_pipeline(options: Options) -> Pipeline:
-    """Ours: stage 1 (decode, crop, flip to uint8) on the workers, stage 2 batched on the device."""
+    """Ours, as the trainer builds it for data.augment=batch: stage 1 (decode at reduced size where the crops allow,
+    crop, flip, RandAugment, to uint8) on the workers, stage 2 batched per recipe on the device."""
     try:
-        import selfsup.data.pipeline  # noqa: F401
+        from selfsup.config import DataConfig
+        from selfsup.data.datasets import build_dataset
+        from selfsup.data.pipeline import training_views
     except ModuleNotFoundError:
         raise PipelineUnavailable(
             "pipeline 'two_stage' needs selfsup.data.pipeline (the two-stage data path of issue 15), which this "
             "checkout does not have yet; run --pipeline torchvision") from None
-    raise PipelineUnavailable("selfsup.data.pipeline exists but two_stage_pipeline() in this benchmark does not "
-                              "build it yet: return its Dataset and stage-2 function there")
+    folder = Path(options.folder)
+    data = DataConfig(name="imagefolder", path=str(folder.parent), train_split=folder.name, image_size=options.size,
+                      augment="batch", crop_scale=(0.2, 1.0), flip=True, blur=True)
+    layout = R.ViewLayout.of("aug+", "aug+") if options.views == "2x224" else mugs_layout(options)
+    route = training_views(layout, data, build_dataset(data, data.train_split))
+    stage2 = route.device_step
+    generator: dict[torch.device, torch.Generator] = {}
+
+    def to_views(batch: Any, device: torch.device) -> list[torch.Tensor]:
+        views, choices, _, _ = batch
+        if device not in generator:
+            stage2.to(device)
+            generator[device] = torch.Generator(device=device).manual_seed(0)
+        return stage2([v.to(device, non_blocking=True) for v in views], choices, generator[device])
+
+    return Pipeline(SeededKeys(route.dataset), to_views)
 
 
 def build_pipeline(name: str, options: Options) -> Pipeline:

@@ -15,7 +15,7 @@ from torchvision import transforms as T
 from conftest import tiny_config
 from selfsup.data import batch_augment as A
 from selfsup.data import recipes as R
-from selfsup.data.pipeline import Stage1, StagedViews, training_views
+from selfsup.data.pipeline import StagedViews, training_views
 from selfsup.data.transforms import PerImageViews, pil_transform
 from selfsup.engine.trainer import Trainer
 
@@ -111,17 +111,42 @@ def test_batched_solarise_inverts_the_same_uint8_values_as_pil():
     torch.testing.assert_close(out, reference, atol=1e-6, rtol=0)
 
 
-def test_stage_one_is_torchvisions_crop_and_flip_for_fixed_draws():
+def test_stage_one_is_torchvisions_crop_and_flip_for_fixed_draws(tmp_path):
     recipe = R.dino_weak("w", 20, (0.2, 1.0), blur_p=0.0).resolved(32, (0.2, 1.0), True, True)
+    staged = StagedViews(R.ViewLayout.of(recipe), MEAN)
     image = photo(50, 70)
     torch.manual_seed(3)
-    got = Stage1(recipe, MEAN)(image)
+    (got,), _ = staged(image)
     torch.manual_seed(3)
     box = T.RandomResizedCrop.get_params(image, [0.2, 1.0], [3 / 4, 4 / 3])
     flipped = torch.rand(()).item() < 0.5
     expected = TF.resized_crop(image, *box, [20, 20], T.InterpolationMode.BICUBIC, antialias=True)
     expected = TF.pil_to_tensor(TF.horizontal_flip(expected) if flipped else expected)
     assert got.dtype == torch.uint8 and torch.equal(got, expected)
+    # a file opened lazily (its header only) is decoded by selfsup.data.decode: the same crop, bit for bit for a PNG
+    image.save(tmp_path / "photo.png")
+    torch.manual_seed(3)
+    (lazy,), _ = staged(Image.open(tmp_path / "photo.png"))
+    assert torch.equal(lazy, expected)
+
+
+def test_exif_rotated_photos_are_upright_on_every_route(tmp_path):
+    from selfsup.config import DataConfig
+    from selfsup.data.datasets import build_dataset
+
+    for split in ("train", "val"):
+        (tmp_path / split / "a").mkdir(parents=True)
+        exif = Image.Exif()
+        exif[0x0112] = 6  # stored landscape, shown rotated by 90 degrees: portrait
+        photo(20, 40).save(tmp_path / split / "a" / "rotated.jpg", exif=exif.tobytes())
+    data = DataConfig(name="imagefolder", path=str(tmp_path))
+    dataset = build_dataset(data, "train")
+    assert dataset[0][0].size == (20, 40)  # (width, height): upright for the per-image route and evaluation
+    layout = R.ViewLayout.of(R.Recipe("whole", (R.ResizedCrop(10, (1.0, 1.0), (0.5, 0.5)),)))
+    staged = StagedViews(layout.resolved(10, (1.0, 1.0), False, False), MEAN)
+    (view,), _ = staged(dataset.open(0)[0])  # the whole upright image (aspect 1:2), decoded lazily
+    reference = TF.pil_to_tensor(TF.resize(dataset[0][0], [10, 10], antialias=True))
+    assert (view.float() - reference.float()).abs().mean() < 4  # within the reduced decode's tolerance
 
 
 def test_two_stage_views_have_the_per_image_pipelines_statistics():

@@ -85,8 +85,14 @@ def test_profile_names_the_steps(tmp_path):
     assert steps["total"]["images_per_cpu_s"] > 0
 
 
-@pytest.mark.skipif(importlib.util.find_spec("selfsup.data.pipeline") is not None,
-                    reason="this checkout has the two-stage pipeline")
-def test_two_stage_is_reported_unavailable(tmp_path):
-    with pytest.raises(SystemExit, match="selfsup.data.pipeline"):
-        bench.main([*TINY, "--cache", str(tmp_path), "--pipeline", "two_stage"])
+def test_two_stage_pipeline_records_both_layouts(tmp_path):
+    rows = bench.main([*TINY, "--cache", str(tmp_path), "--pipeline", "two_stage", "torchvision",
+                       "--views", "2x224", "mugs"])
+    assert [(r["pipeline"], r["views"]) for r in rows] == [("two_stage", "2x224"), ("two_stage", "mugs"),
+                                                            ("torchvision", "2x224"), ("torchvision", "mugs")]
+    for row in rows:
+        assert set(row) >= KEYS, KEYS - set(row)
+        assert math.isfinite(row["images_per_s"]) and row["images_per_s"] > 0
+    two, tv = rows[0], rows[2]
+    assert (two["num_views"], two["view_shapes"]) == (tv["num_views"], tv["view_shapes"])
+    assert (rows[1]["num_views"], rows[1]["view_shapes"]) == (rows[3]["num_views"], rows[3]["view_shapes"])

@@ -24,10 +24,8 @@ import torch.utils.data
 from PIL import Image
 
 from selfsup.config import ConfigError, DataConfig, check_choice
-
-
-class ImageLoadError(RuntimeError):
-    """An image file that PIL cannot open or decode."""
+from selfsup.data.decode import load_rgb, open_image, oriented_size
+from selfsup.errors import ImageLoadError  # noqa: F401  (re-exported)
 
 
 class DataFormatError(RuntimeError):
@@ -56,6 +54,11 @@ class ImageDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> tuple[Image.Image, int]:
         raise NotImplementedError
+
+    def open(self, i: int) -> tuple[Image.Image, int]:
+        """``(image, label)`` where the image may be opened lazily (header read, pixels not yet decoded), for a
+        decoder that crops at reduced size (:mod:`selfsup.data.decode`); in-memory data sets return ``self[i]``."""
+        return self[i]
 
     def describe(self, i: int) -> str:
         return f"{self.name}/{self.split}[{i}]"
@@ -532,15 +535,23 @@ class ImageFolderDataset(ImageDataset):
     def keep_first(self, n: int) -> None:
         self.paths, self.targets = self.paths[:n], self.targets[:n]
 
-    def _load(self, path: str) -> Image.Image:
-        try:
-            with Image.open(path) as image:
-                return image.convert("RGB")  # forces a full decode
-        except Exception as error:  # PIL raises OSError, ValueError, SyntaxError, DecompressionBombError...
-            raise ImageLoadError(f"cannot read image {path}: {type(error).__name__}: {error}; "
-                                 "set data.skip_corrupt=true to skip unreadable images") from error
+    def _load(self, path: str, lazy: bool = False) -> Image.Image:
+        """The image at ``path``, upright (EXIF orientation) and RGB; ``lazy``: opened only (header and orientation
+        read), for :func:`selfsup.data.decode.decode_resized_crops`."""
+        image = open_image(path)
+        if lazy:
+            oriented_size(image)  # reads the header: a file that is no image fails here, where it can be skipped
+            return image
+        with image:
+            return load_rgb(image)  # forces a full decode
 
     def __getitem__(self, i: int) -> tuple[Image.Image, int]:
+        return self._read(i, lazy=False)
+
+    def open(self, i: int) -> tuple[Image.Image, int]:
+        return self._read(i, lazy=True)
+
+    def _read(self, i: int, lazy: bool) -> tuple[Image.Image, int]:
         i = self._check_index(i)
         n = len(self)
         for step in range(n):
@@ -549,7 +560,7 @@ class ImageFolderDataset(ImageDataset):
             if path in self._bad:
                 continue
             try:
-                return self._load(path), int(self.targets[j])
+                return self._load(path, lazy), int(self.targets[j])
             except ImageLoadError as error:
                 if not self.skip_corrupt:
                     raise

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from PIL import ExifTags, Image, JpegImagePlugin
 
-from selfsup.data.datasets import ImageLoadError
+from selfsup.errors import ImageLoadError
 
 Box = tuple[int, int, int, int]  # (top, left, height, width) in oriented full-resolution pixels
 Size = int | tuple[int, int]  # output side, or (height, width)

@@ -32,6 +32,7 @@ from selfsup.config import DataConfig
 from selfsup.data import recipes as R
 from selfsup.data.batch_augment import BatchAugment, batch_augment
 from selfsup.data.datasets import ArrayDataset
+from selfsup.data.decode import decode_resized_crops, oriented_size
 from selfsup.data.loader import Choices, ImageTensorDataset, ViewDataset
 from selfsup.data.transforms import PerImageViews, randaugment
 
@@ -41,54 +42,51 @@ DeviceStep = Callable[[object, Choices, torch.Generator], list[Tensor]]  # loade
 # ---------------------------------------------------------------------------------------------- stage 1
 
 
-class Stage1:
-    """One view's geometry on a PIL image (RGB): a random-resized crop with torchvision's law, resized (antialiased)
-    to the output size, flipped with the recipe's probability, RandAugment if the recipe has it; uint8 CHW."""
-
-    def __init__(self, recipe: R.Recipe, mean: Sequence[float]):
-        self.recipe = recipe
-        crop = recipe.crop
-        self.size, self.scale, self.ratio = recipe.size, list(crop.scale), list(crop.ratio)
-        self.interpolation = TF.InterpolationMode(crop.interpolation)
-        op = recipe.op(R.RandAugment)
-        self.randaugment = randaugment(op, recipe.size, mean) if op is not None else None
-
-    def __call__(self, image: Image.Image) -> Tensor:
-        top, left, height, width = RandomResizedCrop.get_params(image, self.scale, self.ratio)
-        view = TF.resized_crop(image, top, left, height, width, [self.size, self.size], self.interpolation,
-                               antialias=True)
-        if self.recipe.flip_p > 0 and torch.rand(()).item() < self.recipe.flip_p:
-            view = TF.hflip(view)
-        if self.randaugment is not None:
-            view = self.randaugment(view)
-        return pil_to_tensor(view)
+def crop_box(height: int, width: int, crop: R.ResizedCrop) -> tuple[int, int, int, int]:
+    """(top, left, height, width) with torchvision's RandomResizedCrop law and draws, for an image of that size."""
+    shape_only = torch.empty(1, 1, 1).expand(1, height, width)  # no pixels: get_params reads the size
+    return tuple(RandomResizedCrop.get_params(shape_only, list(crop.scale), list(crop.ratio)))  # type: ignore[return-value]
 
 
 class StagedViews:
-    """``image -> (uint8 views, choices)``: stage 1 of every view of a resolved layout; a choice draws u ~ U[0, 1)
-    before its views and takes the alternative when u < p, as :class:`~selfsup.data.transforms.PerImageViews`."""
+    """``image -> (uint8 views, choices)``: stage 1 of every view of a resolved layout. Per image: each choice
+    draws u ~ U[0, 1) (the alternative when u < p, as :class:`~selfsup.data.transforms.PerImageViews`), then every
+    view its crop box (on the upright image) and flip; the file is decoded once for all views, a JPEG at reduced
+    size when every crop allows it (:func:`selfsup.data.decode.decode_resized_crops`, which also crops images that
+    are already in memory, at full size); RandAugment last, per view."""
 
     def __init__(self, layout: R.ViewLayout, mean: Sequence[float]):
-        def build(recipes: Sequence[R.Recipe | str]) -> list[Stage1]:
-            return [Stage1(recipe, mean) for recipe in recipes]  # type: ignore[arg-type]
-
-        self.slots: list[tuple[str | None, list[Stage1], list[Stage1], float]] = []
+        self.slots: list[tuple[str | None, tuple, tuple, float]] = []
         for slot in layout.slots:
             if isinstance(slot, R.Choice):
-                self.slots.append((slot.name, build(slot.default), build(slot.alternative), slot.p))
+                self.slots.append((slot.name, slot.default, slot.alternative, slot.p))
             else:
-                self.slots.append((None, build([slot]), [], 0.0))
+                self.slots.append((None, (slot,), (), 0.0))
+        self.randaugments = {recipe: randaugment(recipe.op(R.RandAugment), recipe.size, mean)
+                             for recipe in layout.recipes() if recipe.op(R.RandAugment) is not None}
 
     def __call__(self, image: Image.Image) -> tuple[list[Tensor], Choices]:
-        views: list[Tensor] = []
+        recipes: list[R.Recipe] = []
         choices: Choices = {}
         for name, default, alternative, p in self.slots:
-            stages = default
+            chosen = False
             if name is not None:
                 chosen = bool(torch.rand(()).item() < p)
                 choices[name] = torch.tensor(chosen)
-                stages = alternative if chosen else default
-            views += [stage(image) for stage in stages]
+            recipes += list(alternative if chosen else default)
+        height, width = oriented_size(image)  # from the header of a lazily opened file
+        boxes = [crop_box(height, width, recipe.crop) for recipe in recipes]
+        flips = [recipe.flip_p > 0 and torch.rand(()).item() < recipe.flip_p for recipe in recipes]
+        views: list[Tensor] = [torch.empty(0)] * len(recipes)
+        for interpolation in dict.fromkeys(recipe.crop.interpolation for recipe in recipes):
+            chosen = [k for k, recipe in enumerate(recipes) if recipe.crop.interpolation == interpolation]
+            crops = decode_resized_crops(image, [boxes[k] for k in chosen], [recipes[k].size for k in chosen],
+                                         [flips[k] for k in chosen], interpolation=interpolation)
+            for k, crop in zip(chosen, crops, strict=True):
+                views[k] = crop
+        for k, recipe in enumerate(recipes):
+            if recipe in self.randaugments:
+                views[k] = pil_to_tensor(self.randaugments[recipe](TF.to_pil_image(views[k])))
         return views, choices
 
 
@@ -196,5 +194,5 @@ def training_views(layout: R.ViewLayout, data: DataConfig, dataset: Dataset) -> 
         return TrainingViews(ViewDataset(dataset, PerImageViews(resolved, data.mean, data.std)), None, "per_sample")
     if uniform_in_memory(dataset) and on_device_geometry(resolved):
         return TrainingViews(ImageTensorDataset(dataset), DeviceViews(resolved, data.mean, data.std), "device")
-    return TrainingViews(ViewDataset(dataset, StagedViews(resolved, data.mean)), Stage2(resolved, data.mean, data.std),
-                         "two_stage")
+    staged = ViewDataset(dataset, StagedViews(resolved, data.mean), lazy=True)
+    return TrainingViews(staged, Stage2(resolved, data.mean, data.std), "two_stage")
