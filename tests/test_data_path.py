@@ -10,6 +10,7 @@ import pytest
 import torch
 import torchvision.transforms.v2.functional as TF
 from PIL import Image, ImageOps
+from torch.utils.data import default_collate
 from torchvision import transforms as T
 
 from conftest import tiny_config
@@ -242,3 +243,40 @@ def test_in_memory_data_sets_crop_on_the_device():
     assert training_views(R.ViewLayout.of("aug+", "weak"), data, digits).route == "device"
     multicrop = R.ViewLayout.of(R.Choice("c", ("weak",), ("aug+",), 0.5))
     assert training_views(multicrop, data, digits).route == "two_stage"  # a choice needs per-image draws
+
+
+def test_gpu_decode_route_matches_the_worker_route_on_the_cpu(tmp_path):
+    """data.decode=gpu is nvjpeg on CUDA; the same route runs here with torchvision's CPU JPEG decoder: the views of
+    each image are the worker route's (the same draws, other decoders and resizers: a few grey levels apart)."""
+    from selfsup.config import ConfigError, DataConfig
+    from selfsup.data.datasets import build_dataset
+    from selfsup.data.loader import ViewDataset
+    from selfsup.data.pipeline import collate_encoded, gpu_decoded_views
+
+    for split in ("train", "val"):
+        (tmp_path / split / "a").mkdir(parents=True)
+        for k, orientation in enumerate((1, 6, 3, 8)):
+            exif = Image.Exif()
+            exif[0x0112] = orientation
+            photo(48 + 8 * k, 64, seed=k).save(tmp_path / split / "a" / f"{k}.jpg", quality=95, exif=exif.tobytes())
+    data = DataConfig(name="imagefolder", path=str(tmp_path), augment="batch", decode="gpu", image_size=24)
+    with pytest.raises(ConfigError, match="data.decode=gpu .* CUDA"):
+        training_views(R.ViewLayout.of("aug+", "weak"), data, build_dataset(data, "train"), "cpu")
+    dataset = build_dataset(data, "train")
+    layout = R.ViewLayout.of("aug+", "weak").resolved(24, (0.3, 1.0), True, False)
+    route = gpu_decoded_views(layout, data, dataset)
+    staged = ViewDataset(dataset, StagedViews(layout, MEAN), lazy=True)
+    keys = [(i, 100 + i) for i in range(4)]
+    encoded = collate_encoded([route.dataset[key] for key in keys])
+    crops = route.device_step(encoded[0], encoded[1], torch.Generator().manual_seed(0))
+    reference = default_collate([staged[key] for key in keys])
+    stage2 = route.device_step.stage2
+    expected = stage2(reference[0], reference[1], torch.Generator().manual_seed(0))
+    for ours, theirs in zip(crops, expected, strict=True):
+        assert ours.shape == theirs.shape == (4, 3, 24, 24)
+        assert (ours - theirs).abs().mul(255 * 0.226).mean() < 3.0  # grey levels, after un-normalising
+    Image.new("RGB", (8, 8)).save(tmp_path / "train" / "a" / "z.png")
+    with_png = build_dataset(data, "train")
+    with pytest.raises(Exception, match="decodes JPEG files only"):
+        gpu_decoded_views(layout, data, with_png).dataset[(with_png.paths.index(str(tmp_path / "train" / "a" /
+                                                                                   "z.png")), 0)]

@@ -45,6 +45,7 @@ class DataConfig:
     flip: bool = True  # random horizontal flip in the training views
     blur: bool = True  # Gaussian blur in AUG+ (sigma scaled by image_size / 224)
     eval_crop_ratio: float = 0.875  # eval transform: Resize(size / ratio) -> CenterCrop(size); 224/256
+    decode: str = "cpu"  # data.augment=batch on JPEG folders: cpu (the workers) | gpu (nvjpeg, batched on the device)
 
 
 @dataclass

@@ -246,9 +246,11 @@ class Trainer:
         return EpochSampler(len(self.train_set), self.batch_per_rank, seed=seed, rank=self.dist.rank,
                             world_size=self.dist.world_size, drop_last=drop_last, shuffle=shuffle)
 
-    def _loader(self, dataset: Dataset, sampler: EpochSampler, seed: int) -> DataLoader:
+    def _loader(self, dataset: Dataset, sampler: EpochSampler, seed: int, collate: Callable | None = None
+                ) -> DataLoader:
         return DataLoader(
             dataset, batch_size=self.batch_per_rank, sampler=sampler, num_workers=self.cfg.data.num_workers,
+            collate_fn=collate,
             pin_memory=self.device.type == "cuda", persistent_workers=self.cfg.data.num_workers > 0, drop_last=False,
             # its own generator: starting an epoch's iterator must not draw from the global RNG, which the
             # model's own randomness (dropout, drop-path) uses and a resume restores
@@ -261,9 +263,9 @@ class Trainer:
         seed_everything(cfg.train.seed)  # the same initial weights (and random-init baseline) on every start
         self.method: Method = method_for(cfg, len(self.train_set), self.train_set.num_classes)
         self.initial_backbone = copy.deepcopy(self.method.backbone.state_dict())
-        self.pipeline = training_views(self.method.views, cfg.data, self.train_set).to(self.device)
+        self.pipeline = training_views(self.method.views, cfg.data, self.train_set, self.device).to(self.device)
         self.dataset: Dataset = self.pipeline.dataset
-        self.loader = self._loader(self.dataset, self.sampler, cfg.train.seed)
+        self.loader = self._loader(self.dataset, self.sampler, cfg.train.seed, self.pipeline.collate)
 
     def _build_model(self) -> None:
         t = self.cfg.train
@@ -448,7 +450,7 @@ class Trainer:
         """The views of a loader batch on the device: moved there, and finished by the route's device step."""
         if isinstance(views, torch.Tensor):
             views = views.to(self.device, non_blocking=True)
-        else:
+        elif pipeline.route != "gpu_decode":  # encoded JPEGs stay on the host for nvjpeg
             views = [view.to(self.device, non_blocking=True) for view in views]
         return pipeline.device_step(views, choices, generator) if pipeline.device_step is not None else views
 
@@ -528,12 +530,12 @@ class Trainer:
             pipeline = TrainingViews(eval_views, None, "per_sample")
         else:  # the method's first view, by the run's route
             first = ViewLayout(self.method.views.slots[:1])
-            pipeline = training_views(first, self.cfg.data, self.train_set).to(self.device)
+            pipeline = training_views(first, self.cfg.data, self.train_set, self.device).to(self.device)
 
         def prepare(sample: tuple, generator: torch.Generator) -> torch.Tensor:
             return self._to_device(self._complete(pipeline, sample[0], sample[1], generator)[0])
 
-        loader = self._loader(pipeline.dataset, sampler, request.seed)
+        loader = self._loader(pipeline.dataset, sampler, request.seed, pipeline.collate)
         return embed_shard(request, loader, len(sampler), prepare, self.device)
 
     def _log_reports(self) -> None:
