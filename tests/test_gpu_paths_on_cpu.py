@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import tiny_config
+from conftest import load_benchmark, tiny_config
 from selfsup.engine.trainer import Trainer
 from selfsup.eval.features import extract_features
 from selfsup.eval.knn import knn_classify, knn_sweep
@@ -119,29 +119,8 @@ def test_batch_augmentation_on_the_device_under_bf16(tmp_path):
     assert abs(losses[0] - reference[0]) <= loss_tolerance("moco"), (losses[0], reference[0])
 
 
-def compiler_missing() -> str | None:
-    """Why torch.compile cannot build CPU kernels here (inductor needs a C++ compiler and Python's headers), or
-    None. Detected by compiling a one-line function: only a toolchain error counts as missing."""
-    from torch._dynamo.exc import BackendCompilerFailed
-
-    def probe(x: torch.Tensor) -> torch.Tensor:
-        return x * 2 + 1
-
-    try:
-        out = torch.compile(probe)(torch.ones(4))
-    except BackendCompilerFailed as error:  # inductor wraps the toolchain error (InvalidCxxCompiler, CppCompileError)
-        text = f"{type(error.inner_exception).__name__}: {error.inner_exception}"
-        if any(word in text for word in ("Cxx", "CppCompile", "compiler", "Python.h")):
-            return f"torch.compile has no working C++ toolchain here ({text.splitlines()[0][:200]})"
-        raise
-    finally:
-        torch._dynamo.reset()
-    assert torch.equal(out, torch.full((4,), 3.0))
-    return None
-
-
 def test_compiled_moco_trains_under_bf16_and_channels_last(tmp_path):
-    reason = compiler_missing()
+    reason = load_benchmark("gpu_check").compiler_missing(torch.device("cpu"))  # a real toolchain probe
     if reason:
         pytest.skip(reason)
     from torch._dynamo.utils import counters
