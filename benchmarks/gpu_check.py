@@ -10,8 +10,8 @@ timm, scikit-learn and PyYAML; no faiss, POT, omegaconf or submitit. The data ar
 folder of 50,000 Shapes-10 images (32 px, read by ``data.name=cifar10`` as a user's CIFAR would be) and, for the
 two-stage photo path, JPEGs of 250-500 px cut from scikit-learn's two sample photographs. Every training section
 builds the real ``Trainer`` from config words and runs ``fit()``; a step callback synchronises the device and
-times the steps after the warm-up. Sections, in order (``--quick``: fewer steps, no BYOL ResNet-50, smaller
-probes; the CPU dry run: resnet_mini at 16 px, tiny queues, 1 + 2 steps, gloo):
+times the steps after the warm-up. Sections, in order (``--quick``: 3 + 10 steps, no BYOL ResNet-50, smaller
+probes, ``compile`` last; the CPU dry run: resnet_mini at 16 px, tiny queues, 1 + 2 steps, gloo):
 
 - ``method:<m>`` for moco, byol, isd, isd_plus, msf, sela, mugs: 10 + 20 steps at bf16 + channels_last,
   ResNet-18 with the CIFAR stem at 32 px, batch 256, ``data.augment=batch`` (Mugs: a ViT-tiny, patch 4, 10 local
