@@ -499,7 +499,8 @@ def torchrun_section(check: Check, cap: float) -> dict[str, Any]:
     nproc = torch.cuda.device_count() if check.device.type == "cuda" else 2
     spec_path, result_path = check.work / "torchrun_spec.json", check.work / "torchrun_result.json"
     steps = s.warmup + s.dist_steps
-    words = check.words("torchrun", "moco", batch=s.batch * nproc, steps=steps)  # train.device=cuda: cuda:LOCAL_RANK
+    batch = max(s.batch // nproc, 1) * nproc  # the total batch: every key of the run stays in one epoch and the queue
+    words = check.words("torchrun", "moco", batch=batch, steps=steps)  # train.device=cuda becomes cuda:LOCAL_RANK
     spec_path.write_text(json.dumps({"words": words, "warmup": s.warmup, "steps": s.dist_steps,
                                      "result": str(result_path)}))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
