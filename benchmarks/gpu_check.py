@@ -557,6 +557,8 @@ def sized_run(run_at: Callable[[int], dict[str, Any]], full: int, probe: int, ch
     rows = min(full, fits_time, fits_memory)
     estimate = {"probe_rows": probe, "probe_s": small["run_s"], "estimated_full_s": round(per_row_s * full, 1),
                 "estimated_full_gib": round(per_row_bytes * full / 2**30, 2)}
+    if "iterations" in small:
+        estimate["probe_iterations"] = small["iterations"]
     if rows <= probe:
         return {**small, **estimate, "note": f"probe size only: the full size needs ~{estimate['estimated_full_s']} s "
                 f"and ~{estimate['estimated_full_gib']} GiB"}
