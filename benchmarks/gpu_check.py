@@ -15,7 +15,7 @@ probes, ``compile`` last; the CPU dry run: resnet_mini at 16 px, tiny queues, 1 
 
 - ``method:<m>`` for moco, byol, isd, isd_plus, msf, sela, mugs: 10 + 20 steps at bf16 + channels_last,
   ResNet-18 with the CIFAR stem at 32 px, batch 256, ``data.augment=batch`` (Mugs: a ViT-tiny, patch 4, 10 local
-  crops of 16 px, per-sample multi-crop on the loader workers, AdamW), the method's paper defaults otherwise
+  crops of 16 px, AdamW), the method's paper defaults otherwise
   (queues of 65,536 / 128,000; SeLa 10 heads x 3,000 clusters, its one label update before the first step);
   finite loss, images/s, peak memory;
 - ``readme:<m>_r18_b512`` for MoCo-v2 and BYOL-asym: the same at batch 512, with minutes per 200 epochs of 50,000
@@ -23,9 +23,10 @@ probes, ``compile`` last; the CPU dry run: resnet_mini at 16 px, tiny queues, 1 
   the device); ``readme:two_stage_photos``: MoCo ResNet-50 on the JPEG folder with ``data.augment=batch``, run
   only where variable-size images reach that path (otherwise "not available in this checkout");
 - ``torchrun``: ``torchrun --nproc_per_node=<all local GPUs>`` (NCCL), MoCo 20 steps, then on every rank: the
-  queue rows equal the keys of all ranks gathered in rank order, step by step, the stored labels follow the global
-  batch order of the sampler, and every rank holds the same queue. With one GPU it runs one process (no DDP, the
-  gather is the identity) plus a one-rank NCCL all-gather/all-reduce; the cross-rank checks need two GPUs;
+  queue rows equal the keys of all ranks gathered in rank order, step by step, the dataset indices stored with
+  them follow the global batch order of the sampler, and every rank holds the same queue. With one GPU it runs
+  one process (no DDP, the gather is the identity) plus a one-rank NCCL all-gather/all-reduce; the cross-rank
+  checks need two GPUs;
 - ``compile``: MoCo ResNet-18 as ``method:moco`` with ``train.compile=true``: compile time, images/s after it;
 - ``knn``: weighted 20-NN and 1-NN of 50,000 queries over 1,281,167 x 2048 float32 features (ImageNet's sizes);
   ``sinkhorn``: SeLa's P^λ, Sinkhorn-Knopp and the labels over 1,281,167 x 3000 in float64 (benchmarks/sinkhorn.py).
@@ -112,10 +113,10 @@ class Sizes:
     readme_large_methods: tuple[str, ...] = ("moco", "byol")
     method_words: dict[str, tuple[str, ...]] = field(default_factory=lambda: {
         # 10 heads x 3000 clusters as the paper; one label update, before the first step (its own figure: the
-        # sinkhorn section), so the timed steps are training steps; no NMI/aNMI monitor
-        "sela": ("method.nopts=2", "method.label_metrics=false"),
+        # sinkhorn section), so the timed steps are training steps
+        "sela": ("method.nopts=2",),
         "mugs": ("model.backbone=vit_tiny", "model.patch_size=4", "model.vit_image_size=32",
-                 "method.local_crop_size=16", "data.augment=per_sample", "optim.name=adamw", "optim.lr=0.0005",
+                 "method.local_crop_size=16", "optim.name=adamw", "optim.lr=0.0005",
                  "optim.weight_decay=0.04"),
     })
 
@@ -131,14 +132,14 @@ CPU = Sizes(
     method_words={
         "moco": ("method.queue_size=256", "method.dim=16"),
         "isd": ("method.queue_size=256",), "isd_plus": ("method.queue_size=256",), "msf": ("method.bank_size=256",),
-        "sela": ("method.ncl=8", "method.hc=2", "method.nopts=2", "method.label_metrics=false"),
+        "sela": ("method.ncl=8", "method.hc=2", "method.nopts=2"),
         "mugs": ("model.backbone=vit_tiny", "model.patch_size=4", "model.embed_dim=32", "model.depth=2",
                  "model.num_heads=2", "model.vit_image_size=16", "method.local_crops_number=2",
                  "method.local_crop_size=8", "method.head_hidden_dim=32", "method.predictor_hidden_dim=32",
                  "method.instance_out_dim=16", "method.local_group_out_dim=16", "method.group_out_dim=64",
                  "method.group_bottleneck_dim=16", "method.instance_queue_size=128",
                  "method.local_group_queue_size=128", "method.memory_size=128", "method.local_group_top_n=4",
-                 "data.augment=per_sample", "optim.name=adamw", "optim.lr=0.0005"),
+                 "optim.name=adamw", "optim.lr=0.0005"),
     },
 )
 
@@ -787,9 +788,11 @@ def torchrun_worker(spec_path: str) -> None:
     captured: list[tuple[torch.Tensor, torch.Tensor | None]] = []
     enqueue = queue.enqueue
 
-    def capture(keys: torch.Tensor, labels: torch.Tensor | None = None) -> None:
-        captured.append((keys.detach().float().clone(), None if labels is None else labels.detach().clone()))
-        enqueue(keys, labels)
+    def capture(keys: torch.Tensor, ids: torch.Tensor | None = None, keep: torch.Tensor | None = None) -> int:
+        if keep is not None:
+            raise RuntimeError("MoCo now enqueues with a keep-mask: update gpu_check's torchrun checks")
+        captured.append((keys.detach().float().clone(), None if ids is None else ids.detach().clone()))
+        return enqueue(keys, ids)
 
     queue.enqueue = capture  # this instance only
     figures = timed_fit(trainer, spec["warmup"], spec["steps"])
@@ -811,14 +814,13 @@ def torchrun_worker(spec_path: str) -> None:
         "pointer_after_all_keys": int(queue.ptr) == rows % queue.size,
         "same_queue_on_every_rank": torch.equal(queue.bank, reference),
     }
-    if queue.store_labels and all(y is not None for _, y in captured):  # the labels ride with the keys
+    if queue.store_ids and all(i is not None for _, i in captured):  # the dataset indices ride with the keys
         sampler = EpochSampler(len(trainer.train_set), batch, seed=cfg.train.seed)  # the global batches, one rank
         sampler.set_epoch(0)
-        order = [i for i, _ in list(sampler)[:rows]]
-        targets = torch.as_tensor(np.asarray(trainer.train_set.targets))[order]
-        labels = torch.stack([y for _, y in captured])
-        checks["queue_labels_equal_gathered_labels"] = torch.equal(queue.labels[:rows], in_rank_order(labels))
-        checks["labels_in_global_batch_order"] = torch.equal(queue.labels[:rows].cpu(), targets)
+        order = torch.tensor([i for i, _ in list(sampler)[:rows]])
+        ids = torch.stack([i for _, i in captured])
+        checks["queue_ids_equal_gathered_ids"] = torch.equal(queue.ids[:rows], in_rank_order(ids))
+        checks["ids_in_global_batch_order"] = torch.equal(queue.ids[:rows].cpu(), order)
     if nccl is not None:
         checks["nccl_one_rank_collectives"] = nccl
     flags = torch.tensor([float(v) for v in checks.values()], device=queue.bank.device)

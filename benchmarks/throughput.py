@@ -38,29 +38,28 @@ from selfsup.cli import find_recipe
 from selfsup.config import load_config
 from selfsup.engine.trainer import Trainer, device_name
 
-Batch = tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]
+Sample = tuple  # a loader batch: (views, choices, indices, labels)
 
 
-def loader_batches(trainer: Trainer) -> Iterator[Batch]:
+def loader_batches(trainer: Trainer) -> Iterator[Sample]:
     """The trainer's DataLoader, epoch after epoch, in the trainer's own order."""
     for epoch in itertools.count():
         trainer.sampler.set_epoch(epoch)
         yield from trainer.loader
 
 
-def synthetic_batch(batch: Batch, device: torch.device, image_size: int) -> Batch:
+def synthetic_batch(batch: Sample, device: torch.device, image_size: int) -> Sample:
     """Random tensors on the device shaped like ``batch``: float views (per_sample) or uint8 sources (batch)."""
-    views, indices, labels = batch
+    views, choices, indices, labels = batch
 
     def fake(view: torch.Tensor) -> torch.Tensor:
         if view.dtype == torch.uint8:
             side = 256 if image_size >= 224 else image_size  # ImageNet-like sources at 224 px, as-is when small
             return torch.randint(0, 256, (*view.shape[:2], side, side), dtype=torch.uint8, device=device)
-        if view.is_floating_point() and view.dim() == 4:
-            return torch.randn(view.shape, device=device)
-        return view.to(device)  # per-sample flags (weak/strong) as they are
+        return torch.randn(view.shape, device=device)
 
-    return [fake(v) for v in views], indices.to(device), labels.to(device)
+    fakes = fake(views) if isinstance(views, torch.Tensor) else [fake(v) for v in views]
+    return fakes, {k: v.to(device) for k, v in choices.items()}, indices.to(device), labels.to(device)
 
 
 def peak_memory_mib(device: torch.device) -> tuple[float, str]:
@@ -75,7 +74,6 @@ def measure(trainer: Trainer, warmup: int, steps: int, synthetic: bool) -> dict[
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     trainer.method.train()
-    trainer.method.on_epoch_start(0, trainer.loader)
     batches = loader_batches(trainer)
     if synthetic:
         batches = itertools.repeat(synthetic_batch(next(batches), device, trainer.cfg.data.image_size))
@@ -86,9 +84,9 @@ def measure(trainer: Trainer, warmup: int, steps: int, synthetic: bool) -> dict[
             sync()
             warmup_s = time.perf_counter() - began
         start = time.perf_counter()
-        views, indices, labels = next(batches)
+        sample = next(batches)
         fetched = time.perf_counter()
-        out, _ = trainer.train_step(views, indices, labels)
+        out, _ = trainer.train_step(trainer.to_batch(sample))
         sync()
         done = time.perf_counter()
         if i >= warmup:

@@ -11,6 +11,8 @@ import pytest
 import torch
 
 from selfsup.config import Config, load_config
+from selfsup.engine.trainer import method_for
+from selfsup.methods import Batch, Method, Progress, StepOutput
 
 TINY = [
     "data.name=digits", "data.image_size=16", "data.subset=256", "data.blur=false", "data.eval_crop_ratio=1.0",
@@ -32,6 +34,21 @@ def load_benchmark(name: str) -> ModuleType:
 def tiny_config(tmp_path, *overrides: str, method: str = "moco") -> Config:
     words = [w for w in TINY if method == "moco" or not w.startswith("method.")]
     return load_config(None, [f"method={method}", *words, f"train.output_dir={tmp_path}", *overrides])
+
+
+def build(cfg: Config, num_samples: int = 256, num_classes: int | None = 10) -> Method:
+    """The method of ``cfg`` for a training set of that size, as the trainer builds it."""
+    return method_for(cfg, num_samples, num_classes)
+
+
+def step(method: Method, views: list[torch.Tensor], indices: torch.Tensor, **choices: torch.Tensor) -> StepOutput:
+    """One ``training_step`` on a hand-made batch."""
+    return method.training_step(Batch(list(views), indices, choices))
+
+
+def at(fraction: float, steps_per_epoch: int = 100, total_steps: int = 1000) -> Progress:
+    """The training position ``fraction`` of the way through a 1000-step run (exact for multiples of 0.001)."""
+    return Progress(round(fraction * total_steps), total_steps, steps_per_epoch)
 
 
 @pytest.fixture(autouse=True)

@@ -15,11 +15,14 @@ def main() -> None:
     got = distributed.gather(torch.full((3, 2), float(r)))
     assert got[:, 0].tolist() == [0, 0, 0, 1, 1, 1], got
     # every rank's bank receives both ranks' keys, in rank order, and stays identical
-    bank = MemoryBank(12, 2, store_labels=True)
+    bank = MemoryBank(12, 2, store_ids=True)
     bank.enqueue(torch.full((3, 2), 10.0 + r), torch.full((3,), r))
     assert bank.bank[:6, 0].tolist() == [10, 10, 10, 11, 11, 11], bank.bank
-    assert bank.labels[:6].tolist() == [0, 0, 0, 1, 1, 1]
+    assert bank.ids[:6].tolist() == [0, 0, 0, 1, 1, 1]
     assert bank.ptr.item() == 6
+    # uneven shards (3 rows here, 1 there) are gathered whole, in rank order
+    uneven = distributed.gather_uneven(torch.full((3 - 2 * r,), float(r)))
+    assert uneven.tolist() == [0, 0, 0, 1], uneven
     # ShuffleBN: the shuffled slices partition the global batch and unshuffle restores each rank's rows
     torch.manual_seed(100 + r)  # different local RNGs: the permutation must still agree (broadcast)
     x = torch.arange(4, dtype=torch.float32).unsqueeze(1) + 4 * r

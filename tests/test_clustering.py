@@ -6,7 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from selfsup.eval.clustering import cluster_alignment, clustering_scores, hungarian_accuracy, kmeans
+from selfsup.eval.clustering import (
+    _nearest,
+    cluster_alignment,
+    clustering_scores,
+    hungarian_accuracy,
+    inertia,
+    kmeans,
+)
 
 
 def test_permuted_labels_score_perfectly():
@@ -47,6 +54,68 @@ def test_kmeans_recovers_separated_blobs_and_is_seeded():
     assert torch.allclose(centroids[assign], centres[y], atol=0.1)
     again, assign2 = kmeans(x, 4, niter=10, seed=1)
     assert torch.equal(assign, assign2) and torch.equal(centroids, again)
+
+
+TEN_BLOBS = dict(centres=torch.eye(10) * 10, n_per=20, noise=0.5, seed=0)  # 10 blobs, 14 noise-stds apart
+
+
+def test_one_plain_kmeans_plus_plus_start_lands_in_a_local_optimum_on_some_seeds():
+    """What the restarts fix: a single plain k-means++ start puts two centres in one blob on 3 of 50 seeds."""
+    x, y = _blobs(**TEN_BLOBS)
+    failing = [seed for seed in range(50)
+               if hungarian_accuracy(kmeans(x, 10, seed=seed, n_init=1, local_trials=1)[1].numpy(), y.numpy()) < 100]
+    assert failing == [12, 23, 47]
+    centroids, _ = kmeans(x, 10, seed=12, n_init=1, local_trials=1)
+    optimum = inertia(x, torch.stack([x[y == c].mean(0) for c in range(10)]))
+    assert inertia(x, centroids) > 1.5 * optimum
+
+
+def test_kmeans_finds_the_optimum_of_separated_blobs_on_every_seed_and_is_deterministic():
+    x, y = _blobs(**TEN_BLOBS)
+    optimum = inertia(x, torch.stack([x[y == c].mean(0) for c in range(10)]))
+    for seed in range(50):
+        centroids, assign = kmeans(x, 10, seed=seed)
+        assert hungarian_accuracy(assign.numpy(), y.numpy()) == 100.0, seed
+        assert inertia(x, centroids) == pytest.approx(optimum, rel=1e-5)
+        again, assign_again = kmeans(x, 10, seed=seed)
+        assert torch.equal(assign, assign_again) and torch.equal(centroids, again)
+
+
+def test_more_starts_never_end_worse_than_their_first():
+    """The first of n_init starts draws what a single start draws (one seeded generator): keeping the lowest
+    inertia can only improve on it, and it does on some seeds of overlapping blobs."""
+    x, _ = _blobs(15, torch.randn(12, 4, generator=torch.Generator().manual_seed(1)) * 2, 0.8, 2)
+    single = [inertia(x, kmeans(x, 12, seed=seed, n_init=1)[0]) for seed in range(10)]
+    several = [inertia(x, kmeans(x, 12, seed=seed, n_init=4)[0]) for seed in range(10)]
+    assert all(b <= a * (1 + 1e-6) for a, b in zip(single, several, strict=True))
+    assert any(b < a * (1 - 1e-3) for a, b in zip(single, several, strict=True))
+
+
+def test_nearest_centroid_in_chunks_equals_brute_force():
+    g = torch.Generator().manual_seed(0)
+    x, centroids = torch.randn(101, 6, generator=g), torch.randn(7, 6, generator=g)
+    index, distance = _nearest(x, centroids, chunk_size=16)
+    brute = torch.cdist(x, centroids).pow(2)
+    assert torch.equal(index, brute.argmin(1))
+    torch.testing.assert_close(distance, brute.min(1).values, rtol=1e-4, atol=1e-4)
+    assert inertia(x, centroids) == pytest.approx(float(brute.min(1).values.sum()), rel=1e-5)
+
+
+def test_kmeans_rejects_bad_arguments_with_a_clear_message():
+    x = torch.randn(10, 2)
+    with pytest.raises(ValueError, match="n_init must be at least 1"):
+        kmeans(x, 2, n_init=0)
+    with pytest.raises(ValueError, match="local_trials must be at least 1"):
+        kmeans(x, 2, local_trials=0)
+    with pytest.raises(ValueError, match="0 < k <= number of points"):
+        kmeans(x, 11)
+
+
+def test_kmeans_with_more_clusters_than_distinct_points_stays_finite():
+    x = torch.tensor([[0.0, 0.0]] * 5 + [[1.0, 1.0]] * 5)  # two distinct points, k = 3: the seeding's draws all
+    centroids, assign = kmeans(x, 3, seed=0)  # have zero weight from the third centre on (uniform fallback)
+    assert torch.isfinite(centroids).all() and inertia(x, centroids) == pytest.approx(0.0, abs=1e-6)
+    assert set(assign.tolist()) <= {0, 1, 2} and len(set(assign[[0, 5]].tolist())) == 2
 
 
 def test_cluster_alignment_uses_the_train_map():

@@ -28,8 +28,9 @@ from selfsup.eval.knn import knn_classify, knn_sweep
 from selfsup.methods.isd import similarities
 from selfsup.methods.moco import moco_loss
 from selfsup.methods.msf import nearest_to_targets
+from selfsup.methods.mugs import local_group_memory, memory_neighbours
+from selfsup.models.heads import GroupHead
 from selfsup.nn.memory import MemoryBank
-from selfsup.nn.mugs_parts import GroupHead, LocalGroupMemory
 from selfsup.nn.sinkhorn import hard_labels, power_softmax, sinkhorn_knopp
 from test_mugs import TINY_MUGS
 from test_sela import SELA
@@ -96,9 +97,9 @@ def train(tmp_path, method: str, *words: str, steps: int = 3) -> tuple[list[floa
     return logged_losses(trainer), seen
 
 
-# SeLa's label update embeds the training set outside the trainer's step (on_epoch_start / on_after_step), in
-# float32 and the loader's layout: the one backbone pass that autocast and channels_last do not reach
-OUTSIDE_THE_STEP = {"sela": {(False, torch.float32)}}
+# SeLa's label update embeds the training set through the engine's embedding service before the step, outside
+# its autocast: float32, in the model's layout (the one backbone pass that bf16 does not reach)
+OUTSIDE_THE_STEP = {"sela": {(True, torch.float32)}}
 
 
 @pytest.mark.parametrize("method", list(PATHS))
@@ -216,12 +217,12 @@ def test_mugs_prototype_logits_and_neighbours_stay_float32_under_autocast():
     assert logits.dtype == torch.float32
     assert torch.allclose(logits, head.last_layer(bottleneck), rtol=1e-6, atol=1e-7)
 
-    memory = LocalGroupMemory(3, 8, top_n=1)
+    memory = local_group_memory(3, 8)
     for best in range(3):
         query, rows = near_tie(best)
         memory.bank.copy_(rows)
         with torch.autocast(**AUTOCAST):
-            assert torch.equal(memory.neighbours(query.bfloat16()), rows[[best]].unsqueeze(0))
+            assert torch.equal(memory_neighbours(memory, query.bfloat16(), 1), rows[[best]].unsqueeze(0))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

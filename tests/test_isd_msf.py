@@ -8,11 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import tiny_config
+from conftest import at, build, step, tiny_config
 from selfsup.cli import RECIPES
 from selfsup.config import load_config
+from selfsup.data.recipes import ViewLayout
+from selfsup.engine.monitors import neighbour_purity
 from selfsup.engine.trainer import Trainer
-from selfsup.methods import DataInfo, build_method
 from selfsup.methods.byol import byol_loss
 from selfsup.methods.isd import isd_loss, similarities
 from selfsup.methods.msf import msf_loss, nearest_to_targets
@@ -24,7 +25,7 @@ SIZE = {"isd": "method.queue_size=256", "isd_plus": "method.queue_size=256", "ms
 def _method(tmp_path, name: str, *overrides: str, seed: int = 0):
     cfg = tiny_config(tmp_path, SIZE[name], *overrides, method=name)
     torch.manual_seed(seed)
-    return build_method(cfg, DataInfo(256, 10))
+    return build(cfg)
 
 
 def _images(seed: int, n: int = 8) -> list[torch.Tensor]:
@@ -98,9 +99,9 @@ def test_isd_step_uses_the_queue_before_enqueue_then_enqueues_keys(tmp_path, nam
     cfg = method.cfg
     x_q, x_k = _images(0)
     before = method.queue.bank.clone()
-    out = method.training_step([x_q, x_k], torch.arange(8), torch.arange(8))
-    q = method.query(x_q)  # same weights and BN batch statistics as inside the step
-    k = method.target(x_k, False)
+    out = step(method, [x_q, x_k], torch.arange(8))
+    q = method.net.query(x_q)  # same weights and BN batch statistics as inside the step
+    k = method.net.target(x_k, False)
 
     def loss_against(queue):
         return isd_loss(similarities(q, queue) / cfg.student_temperature,
@@ -112,53 +113,55 @@ def test_isd_step_uses_the_queue_before_enqueue_then_enqueues_keys(tmp_path, nam
     assert abs(loss_against(with_keys) - out.loss.item()) > 1e-2  # the current k were not in the queue
     assert torch.allclose(method.queue.bank[:8], k, atol=1e-6)  # ... and are enqueued after the loss
     assert torch.equal(method.queue.bank[8:], before[8:])
-    assert method.queue.ptr.item() == 8 and method.queue.labels[:8].tolist() == list(range(8))
-    assert out.logs["purity"].item() == 0.0  # no labelled entry in the queue yet
+    assert method.queue.ptr.item() == 8 and method.queue.ids[:8].tolist() == list(range(8))
+    purity = neighbour_purity(out.neighbours, torch.arange(8), torch.arange(256))
+    assert purity.item() == 0.0  # no labelled entry in the queue yet
 
 
 def test_isd_purity_is_the_teachers_top5_label_agreement():
     # hand-made queue in a 16-d space: the teacher key at 0 degrees; its 5 nearest entries are rows 0-4
-    queue = MemoryBank(8, 16, store_labels=True)
+    queue = MemoryBank(8, 16, store_ids=True)
     queue.bank.copy_(_angles([1, 2, 3, 4, 5, 90, 180, 270], 16))
-    queue.labels.copy_(torch.tensor([7, 7, 3, 7, 1, 7, 7, 7]))
+    queue.ids.copy_(torch.arange(8))  # rows hold images 0-7; image 8 is the teacher key's
+    targets = torch.tensor([7, 7, 3, 7, 1, 7, 7, 7, 7])
     k = _angles([0], 16)
     neighbours = (similarities(k, queue.snapshot()) / 0.02).topk(5, dim=1).indices
     assert sorted(neighbours[0].tolist()) == [0, 1, 2, 3, 4]
-    assert queue.purity(neighbours, torch.tensor([7])).item() == pytest.approx(3 / 5)
+    assert neighbour_purity(queue.ids[neighbours], torch.tensor([8]), targets).item() == pytest.approx(3 / 5)
 
 
 def test_isd_teacher_is_the_ema_of_the_encoder_only(tmp_path):
     method = _method(tmp_path, "isd", "method.momentum=0.0")
-    assert isinstance(method.encoder_q.head, torch.nn.Identity)  # no projection head: pooled 64-d feature
-    layers = list(method.predictor)
+    assert isinstance(method.net.encoder_q.head, torch.nn.Identity)  # no projection head: pooled 64-d feature
+    layers = list(method.net.predictor)
     assert [type(m).__name__ for m in layers] == ["Linear", "BatchNorm1d", "ReLU", "Linear"]
     assert (layers[0].in_features, layers[0].out_features, layers[0].bias) == (64, 64, None)
     assert (layers[3].in_features, layers[3].out_features, layers[3].bias is not None) == (64, 64, True)
-    assert not any("predictor" in n for n, _ in method.encoder_k.named_parameters())
-    assert len(list(method.encoder_k.parameters())) == len(list(method.encoder_q.parameters()))
+    assert not any("predictor" in n for n, _ in method.net.encoder_k.named_parameters())
+    assert len(list(method.net.encoder_k.parameters())) == len(list(method.net.encoder_q.parameters()))
     assert method.queue.bank.shape == (256, 64)
     assert torch.allclose(method.queue.bank.norm(dim=0), torch.ones(64))  # train_isd.py's dim-0 quirk
-    assert method.views == ("aug+", "aug+")
+    assert method.views == ViewLayout.of("aug+", "aug+")
     with torch.no_grad():
-        for p in [*method.encoder_q.parameters(), *method.predictor.parameters()]:
+        for p in [*method.net.encoder_q.parameters(), *method.net.predictor.parameters()]:
             p.add_(1.0)
-    predictor = [p.clone() for p in method.predictor.parameters()]
-    method.on_after_step(0.5)
-    assert all(torch.equal(t, o) for t, o in zip(method.encoder_k.parameters(), method.encoder_q.parameters(),
+    predictor = [p.clone() for p in method.net.predictor.parameters()]
+    method.on_after_step(at(0.5))
+    assert all(torch.equal(t, o) for t, o in zip(method.net.encoder_k.parameters(), method.net.encoder_q.parameters(),
                                                   strict=True))
-    assert all(torch.equal(a, b) for a, b in zip(predictor, method.predictor.parameters(), strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(predictor, method.net.predictor.parameters(), strict=True))
 
 
 def test_isd_plus_heads_queue_and_views(tmp_path):
     method = _method(tmp_path, "isd_plus")
     cfg = method.cfg
     assert (cfg.teacher_temperature, cfg.student_temperature, cfg.momentum) == (0.01, 0.1, 0.99)
-    linear = [m.out_features for m in method.encoder_q.head if isinstance(m, torch.nn.Linear)]
-    assert linear == [128, 16] == [m.out_features for m in method.encoder_k.head if isinstance(m, torch.nn.Linear)]
-    assert [m.out_features for m in method.predictor if isinstance(m, torch.nn.Linear)] == [128, 16]
+    linear = [m.out_features for m in method.net.encoder_q.head if isinstance(m, torch.nn.Linear)]
+    assert linear == [128, 16] == [m.out_features for m in method.net.encoder_k.head if isinstance(m, torch.nn.Linear)]
+    assert [m.out_features for m in method.net.predictor if isinstance(m, torch.nn.Linear)] == [128, 16]
     assert torch.allclose(method.queue.bank.norm(dim=1), torch.ones(256))  # rows normalised correctly
-    assert method.views == ("aug+", "weak")  # (student, teacher): WEAK teacher, AUG+ student
-    assert _method(tmp_path, "isd_plus", "method.augmentation=strong/strong").views == ("aug+", "aug+")
+    assert method.views == ViewLayout.of("aug+", "weak")  # (student, teacher): WEAK teacher, AUG+ student
+    assert _method(tmp_path, "isd_plus", "method.augmentation=strong/strong").views == ViewLayout.of("aug+", "aug+")
 
 
 # ---------------------------------------------------------------------------------------------- MSF
@@ -174,22 +177,22 @@ def test_msf_with_k1_reproduces_a_byol_step_exactly(tmp_path):
     msf = _method(tmp_path, "msf", "method.topk=1")
     cfg = tiny_config(tmp_path, method="byol")
     torch.manual_seed(0)
-    byol = build_method(cfg, DataInfo(256, 10))
-    assert all(torch.equal(a, b) for a, b in zip(msf.encoder_q.parameters(), byol.encoder_q.parameters(),
+    byol = build(cfg)
+    assert all(torch.equal(a, b) for a, b in zip(msf.net.encoder_q.parameters(), byol.net.encoder_q.parameters(),
                                                   strict=True))
     views = _images(4)
-    a = msf.training_step(views, torch.arange(8), torch.zeros(8, dtype=torch.long))
-    b = byol.training_step(views, torch.arange(8), torch.zeros(8, dtype=torch.long))
+    a = step(msf, views, torch.arange(8))
+    b = step(byol, views, torch.arange(8))
     assert torch.equal(a.loss, b.loss)
-    assert a.logs["purity"].item() == 1.0  # the only neighbour is the target itself
+    assert neighbour_purity(a.neighbours, torch.arange(8), torch.zeros(256, dtype=torch.long)).item() == 1.0  # self
     a.loss.backward()
     b.loss.backward()
-    for p, r in zip(msf.encoder_q.parameters(), byol.encoder_q.parameters(), strict=True):
+    for p, r in zip(msf.net.encoder_q.parameters(), byol.net.encoder_q.parameters(), strict=True):
         assert torch.equal(p.grad, r.grad)
 
 
 def test_msf_neighbours_are_nearest_to_the_target_and_include_it():
-    bank = MemoryBank(8, 16, store_labels=True)
+    bank = MemoryBank(8, 16, store_ids=True)
     bank.bank.copy_(_angles([200, 10, 20, 80, 90, 100, 170, 260], 16))
     t, q = _angles([0], 16), _angles([90], 16)
     bank.enqueue(t, torch.tensor([0]))  # row 0 becomes t
@@ -200,23 +203,24 @@ def test_msf_neighbours_are_nearest_to_the_target_and_include_it():
 
 def test_msf_step_enqueues_first_then_loss_and_purity_by_hand(tmp_path):
     method = _method(tmp_path, "msf", "method.topk=3")
-    dim = method.embedding_dim
+    dim = method.bank.bank.shape[1]
     rows = _angles([5, 15, 85, 90, 100, 180, 260, 270], dim)
-    method.bank = MemoryBank(8, dim, store_labels=True)
+    method.bank = MemoryBank(8, dim, store_ids=True)
     method.bank.bank.copy_(rows)
-    method.bank.labels.copy_(torch.tensor([0, 0, 1, 1, 2, 0, 5, 5]))
+    method.bank.ids.copy_(torch.tensor([2, 3, 4, 5, 6, 7, -1, -1]))  # images 2-7, whose labels are below
+    targets = torch.tensor([0, 1, 0, 0, 1, 1, 2, 0])  # the batch holds images 0 (label 0) and 1 (label 1)
     method.bank.ptr.fill_(6)
     t, q = _angles([0, 93], dim), _angles([45, 93], dim)
-    method.target = lambda x, shuffle_bn: t
-    method.query = lambda x: q
-    out = method.training_step(_images(5, n=2), torch.arange(2), torch.tensor([0, 1]))
+    method.net.target = lambda x, shuffle_bn: t
+    method.net.query = lambda x: q
+    out = step(method, _images(5, n=2), torch.arange(2))
     # t enqueued at rows 6, 7 before the distances: NN(t0 = 0°) = {0°, 5°, 15°}, NN(t1 = 93°) = {93°, 90°, 100°}
-    assert torch.allclose(method.bank.bank[6:], t) and method.bank.labels.tolist()[6:] == [0, 1]
+    assert torch.allclose(method.bank.bank[6:], t) and method.bank.ids.tolist()[6:] == [0, 1]
     pairs = [45 - 0, 45 - 5, 45 - 15, 0, 93 - 90, 100 - 93]
     expected = sum(2 - 2 * math.cos(math.radians(a)) for a in pairs) / 6
     assert out.loss.item() == pytest.approx(expected, rel=1e-5)
     # purity: labels {0,0,0} vs 0 -> 1; labels {1,1,2} vs 1 -> 2/3
-    assert out.logs["purity"].item() == pytest.approx((1 + 2 / 3) / 2)
+    assert neighbour_purity(out.neighbours, torch.arange(2), targets).item() == pytest.approx((1 + 2 / 3) / 2)
     # enqueueing after the distances would have given NN(t0) = {5°, 15°, 85°}: another loss
     late = [45 - 5, 45 - 15, 85 - 45, 93 - 90, 100 - 93, 93 - 85]
     assert abs(sum(2 - 2 * math.cos(math.radians(a)) for a in late) / 6 - out.loss.item()) > 1e-2
@@ -224,12 +228,16 @@ def test_msf_step_enqueues_first_then_loss_and_purity_by_hand(tmp_path):
 
 def test_msf_purity_is_at_least_one_over_k(tmp_path):
     method = _method(tmp_path, "msf", "method.topk=5")
-    labels = torch.arange(8)  # every image its own label
-    out = method.training_step(_images(10), torch.arange(8), labels)
-    assert out.logs["purity"].item() == pytest.approx(1 / 5)  # only the self-match: the rest is unlabelled
-    for step in range(2):
-        out = method.training_step(_images(11 + step), torch.arange(8), labels)
-        assert 1 / 5 <= out.logs["purity"].item() <= 1.0
+    targets = torch.arange(256)  # every image its own label
+
+    def purity(out) -> float:
+        return neighbour_purity(out.neighbours, torch.arange(8), targets).item()
+
+    out = step(method, _images(10), torch.arange(8))
+    assert purity(out) == pytest.approx(1 / 5)  # only the self-match: the rest is unlabelled
+    for n in range(2):
+        out = step(method, _images(11 + n), torch.arange(8))
+        assert 1 / 5 <= purity(out) <= 1.0
     assert method.bank.ptr.item() == 24
 
 
@@ -239,12 +247,12 @@ def test_msf_purity_is_at_least_one_over_k(tmp_path):
 @pytest.mark.parametrize("name", ["isd", "isd_plus", "msf"])
 def test_no_gradient_reaches_the_teacher_or_the_bank(tmp_path, name):
     method = _method(tmp_path, name)
-    out = method.training_step(_images(6), torch.arange(8), torch.zeros(8, dtype=torch.long))
+    out = step(method, _images(6), torch.arange(8))
     out.loss.backward()
-    assert all(p.grad is None and not p.requires_grad for p in method.encoder_k.parameters())
+    assert all(p.grad is None and not p.requires_grad for p in method.net.encoder_k.parameters())
     bank = method.bank if name == "msf" else method.queue
     assert not bank.bank.requires_grad and bank.bank.grad is None
-    assert all(p.grad is not None for p in [*method.encoder_q.parameters(), *method.predictor.parameters()])
+    assert all(p.grad is not None for p in [*method.net.encoder_q.parameters(), *method.net.predictor.parameters()])
 
 
 def _weights(trainer: Trainer) -> dict[str, torch.Tensor]:
@@ -265,7 +273,7 @@ def test_resume_is_bit_identical(tmp_path, name):
     resumed.fit()
     assert resumed.step == 8
     a, b = _weights(straight), _weights(resumed)
-    assert a.keys() == b.keys() and any(k.endswith("bank") for k in a) and any(k.endswith("labels") for k in a)
+    assert a.keys() == b.keys() and any(k.endswith("bank") for k in a) and any(k.endswith("ids") for k in a)
     for key in a:
         assert torch.equal(a[key], b[key]), key
     bank = "bank.ptr" if name == "msf" else "queue.ptr"

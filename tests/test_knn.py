@@ -242,8 +242,8 @@ def test_pooled_on_grid_equals_a_backbone_built_with_that_grid_and_is_restored()
 
 def test_eval_pool_grid_scores_the_grid_pooled_features(tmp_path):
     from conftest import tiny_config
+    from selfsup.api import build_trainer
     from selfsup.config import ConfigError
-    from selfsup.engine.trainer import Trainer
     from selfsup.eval.protocols import evaluate_backbone
     from selfsup.models.backbones import build_backbone
 
@@ -261,7 +261,7 @@ def test_eval_pool_grid_scores_the_grid_pooled_features(tmp_path):
     cfg.eval.pool_grid = None
     assert gridded == evaluate_backbone(reference, cfg, "cpu", protocols) != own
     with pytest.raises(ConfigError, match="eval.pool_grid must be at least 1"):  # before training, not after
-        Trainer(tiny_config(tmp_path, "eval.pool_grid=0"))
+        build_trainer(tiny_config(tmp_path, "eval.pool_grid=0"))
 
 
 def test_time_to_accuracy_baselines_equal_brute_force_knn(tmp_path, capsys):

@@ -8,11 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import tiny_config
-from selfsup.methods import DataInfo, build_method
+from conftest import at, build, step, tiny_config
+from selfsup.data.recipes import ViewLayout
+from selfsup.engine.schedules import momentum_at
 from selfsup.methods.byol import byol_loss
 from selfsup.methods.moco import moco_loss
-from selfsup.nn.ema import cosine_momentum, ema_update
+from selfsup.nn.ema import ema_update
 from selfsup.nn.memory import MemoryBank
 
 
@@ -30,14 +31,14 @@ def test_moco_loss_equals_cross_entropy_of_hand_built_logits():
 
 
 def test_memory_bank_is_fifo_and_wraps():
-    bank = MemoryBank(8, 3, store_labels=True)
+    bank = MemoryBank(8, 3, store_ids=True)
     batches = [torch.full((2, 3), float(i)) for i in range(6)]
     for i, keys in enumerate(batches):
         bank.enqueue(keys, torch.full((2,), i))
     # after 6 batches of 2 into 8 rows: rows hold batches 4,5,2,3 (ring), pointer at 12 % 8 = 4
     assert bank.ptr.item() == 4
     assert bank.bank[:, 0].tolist() == [4, 4, 5, 5, 2, 2, 3, 3]
-    assert bank.labels.tolist() == [4, 4, 5, 5, 2, 2, 3, 3]
+    assert bank.ids.tolist() == [4, 4, 5, 5, 2, 2, 3, 3]
     # K/B steps after any point the bank holds exactly the last K/B batches
     order = torch.cat([bank.bank[4:], bank.bank[:4]])[:, 0].tolist()
     assert order == [2, 2, 3, 3, 4, 4, 5, 5]
@@ -65,19 +66,18 @@ def test_memory_bank_topk_matches_full_sort():
 def _moco(tmp_path, *overrides):
     cfg = tiny_config(tmp_path, *overrides)
     torch.manual_seed(0)
-    return build_method(cfg, DataInfo(256, 10))
+    return build(cfg)
 
 
 def test_moco_step_uses_queue_before_enqueue_and_then_enqueues_keys(tmp_path):
     method = _moco(tmp_path)
     x_q, x_k = torch.randn(8, 3, 16, 16), torch.randn(8, 3, 16, 16)
-    labels = torch.arange(8)
     before = method.queue.bank.clone()
-    out = method.training_step([x_q, x_k], torch.arange(8), labels)
+    out = step(method, [x_q, x_k], torch.arange(8))
     # same BN batch statistics → same q and k as inside the step
-    q = F.normalize(method.encoder_q(x_q), dim=1)
+    q = F.normalize(method.net.encoder_q(x_q), dim=1)
     with torch.no_grad():
-        k = F.normalize(method.encoder_k(x_k), dim=1)
+        k = F.normalize(method.net.encoder_k(x_k), dim=1)
     assert out.loss.item() == pytest.approx(moco_loss(q, k, before, 0.2).item(), rel=1e-5)
     # the current keys were not negatives: a loss against a queue holding them differs
     with_keys = before.clone()
@@ -86,48 +86,48 @@ def test_moco_step_uses_queue_before_enqueue_and_then_enqueues_keys(tmp_path):
     assert torch.allclose(method.queue.bank[:8], k, atol=1e-6)
     assert torch.equal(method.queue.bank[8:], before[8:])
     assert method.queue.ptr.item() == 8
-    assert method.queue.labels[:8].tolist() == list(range(8))
+    assert method.queue.ids[:8].tolist() == list(range(8))
 
 
 def test_no_gradient_reaches_key_encoder_or_queue(tmp_path):
     method = _moco(tmp_path)
-    out = method.training_step([torch.randn(8, 3, 16, 16), torch.randn(8, 3, 16, 16)], torch.arange(8),
-                               torch.zeros(8, dtype=torch.long))
+    out = step(method, [torch.randn(8, 3, 16, 16), torch.randn(8, 3, 16, 16)], torch.arange(8))
     out.loss.backward()
-    assert all(p.grad is None and not p.requires_grad for p in method.encoder_k.parameters())
+    assert all(p.grad is None and not p.requires_grad for p in method.net.encoder_k.parameters())
     assert not method.queue.bank.requires_grad
-    assert all(p.grad is not None for p in method.encoder_q.parameters())
+    assert all(p.grad is not None for p in method.net.encoder_q.parameters())
 
 
 def test_ema_extremes_and_formula(tmp_path):
     method = _moco(tmp_path)
     with torch.no_grad():
-        for p in method.encoder_q.parameters():
+        for p in method.net.encoder_q.parameters():
             p.add_(torch.randn_like(p))
-    teacher_before = [p.clone() for p in method.encoder_k.parameters()]
-    ema_update(method.encoder_k, method.encoder_q, 1.0)
-    assert all(torch.equal(a, b) for a, b in zip(teacher_before, method.encoder_k.parameters(), strict=True))
-    ema_update(method.encoder_k, method.encoder_q, 0.9)
-    for t0, t, o in zip(teacher_before, method.encoder_k.parameters(), method.encoder_q.parameters(), strict=True):
+    teacher_before = [p.clone() for p in method.net.encoder_k.parameters()]
+    ema_update(method.net.encoder_k, method.net.encoder_q, 1.0)
+    assert all(torch.equal(a, b) for a, b in zip(teacher_before, method.net.encoder_k.parameters(), strict=True))
+    ema_update(method.net.encoder_k, method.net.encoder_q, 0.9)
+    net = method.net
+    for t0, t, o in zip(teacher_before, net.encoder_k.parameters(), net.encoder_q.parameters(), strict=True):
         assert torch.allclose(t, 0.9 * t0 + 0.1 * o, atol=1e-6)
-    ema_update(method.encoder_k, method.encoder_q, 0.0)
-    assert all(torch.equal(t, o) for t, o in zip(method.encoder_k.parameters(), method.encoder_q.parameters(),
+    ema_update(method.net.encoder_k, method.net.encoder_q, 0.0)
+    assert all(torch.equal(t, o) for t, o in zip(method.net.encoder_k.parameters(), method.net.encoder_q.parameters(),
                                                   strict=True))
 
 
 def test_moco_on_after_step_applies_configured_momentum(tmp_path):
     method = _moco(tmp_path, "method.momentum=0.0")
     with torch.no_grad():
-        next(method.encoder_q.parameters()).add_(1.0)
-    method.on_after_step(0.5)
-    assert all(torch.equal(t, o) for t, o in zip(method.encoder_k.parameters(), method.encoder_q.parameters(),
+        next(method.net.encoder_q.parameters()).add_(1.0)
+    method.on_after_step(at(0.5))
+    assert all(torch.equal(t, o) for t, o in zip(method.net.encoder_k.parameters(), method.net.encoder_q.parameters(),
                                                   strict=True))
 
 
 def test_cosine_momentum_endpoints():
-    assert cosine_momentum(0.996, 0.0) == pytest.approx(0.996)
-    assert cosine_momentum(0.996, 1.0) == pytest.approx(1.0)
-    assert cosine_momentum(0.996, 0.5) == pytest.approx(0.998)
+    assert momentum_at(0.996, 0.0) == pytest.approx(0.996)
+    assert momentum_at(0.996, 1.0) == pytest.approx(1.0)
+    assert momentum_at(0.996, 0.5) == pytest.approx(0.998)
 
 
 def test_byol_loss_is_two_minus_two_cosine():
@@ -143,23 +143,22 @@ def test_byol_loss_is_two_minus_two_cosine():
 
 def test_byol_predictor_is_not_in_the_target(tmp_path):
     cfg = tiny_config(tmp_path, "method.momentum=0.0", method="byol")
-    method = build_method(cfg, DataInfo(256, 10))
-    target_names = {n for n, _ in method.encoder_k.named_parameters()}
+    method = build(cfg)
+    target_names = {n for n, _ in method.net.encoder_k.named_parameters()}
     assert not any("predictor" in n for n in target_names)
     # projector 64 -> 128 -> 16, predictor 16 -> 128 -> 16 (d -> 2d -> d/4 as the UMBC get_mlp)
-    assert [m.out_features for m in method.encoder_q.head if isinstance(m, torch.nn.Linear)] == [128, 16]
-    assert [m.out_features for m in method.predictor if isinstance(m, torch.nn.Linear)] == [128, 16]
-    predictor_before = [p.clone() for p in method.predictor.parameters()]
-    out = method.training_step([torch.randn(8, 3, 16, 16), torch.randn(8, 3, 16, 16)], torch.arange(8),
-                               torch.zeros(8, dtype=torch.long))
+    assert [m.out_features for m in method.net.encoder_q.head if isinstance(m, torch.nn.Linear)] == [128, 16]
+    assert [m.out_features for m in method.net.predictor if isinstance(m, torch.nn.Linear)] == [128, 16]
+    predictor_before = [p.clone() for p in method.net.predictor.parameters()]
+    out = step(method, [torch.randn(8, 3, 16, 16), torch.randn(8, 3, 16, 16)], torch.arange(8))
     out.loss.backward()
-    assert all(p.grad is None for p in method.encoder_k.parameters())
-    method.on_after_step(0.1)
-    assert all(torch.equal(t, o) for t, o in zip(method.encoder_k.parameters(), method.encoder_q.parameters(),
+    assert all(p.grad is None for p in method.net.encoder_k.parameters())
+    method.on_after_step(at(0.1))
+    assert all(torch.equal(t, o) for t, o in zip(method.net.encoder_k.parameters(), method.net.encoder_q.parameters(),
                                                   strict=True))
-    assert all(torch.equal(a, b) for a, b in zip(predictor_before, method.predictor.parameters(), strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(predictor_before, method.net.predictor.parameters(), strict=True))
 
 
 def test_byol_views_follow_augmentation_option(tmp_path):
     cfg = tiny_config(tmp_path, "method.augmentation=weak/strong", method="byol")
-    assert build_method(cfg, DataInfo(256, 10)).views == ("aug+", "weak")  # (query, target)
+    assert build(cfg).views == ViewLayout.of("aug+", "weak")  # (query, target)

@@ -13,22 +13,23 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision import transforms as T
 
-from conftest import tiny_config
+from conftest import at, build, tiny_config
+from conftest import step as run_step
 from selfsup.cli import RECIPES
 from selfsup.config import load_config
-from selfsup.engine.schedules import scaled_lr
+from selfsup.data.transforms import PerImageViews, pil_transform
+from selfsup.engine.schedules import momentum_at, scaled_lr, warmup_then_constant
 from selfsup.engine.trainer import Trainer
-from selfsup.methods import DataInfo, build_method
+from selfsup.methods import Progress
 from selfsup.methods.mugs import (
     clip_per_parameter,
     crop_pairs,
     group_loss,
     info_nce_loss,
+    local_group_memory,
+    memory_neighbours,
     multicrop_mean,
-    teacher_temperatures,
 )
-from selfsup.nn.ema import cosine_momentum
-from selfsup.nn.mugs_parts import LocalGroupMemory
 
 # methods.md §7 tiny sizes, shrunk further for speed: 16-px globals, 8-px locals
 TINY_MUGS = [
@@ -52,13 +53,24 @@ def mugs_config(tmp_path, *overrides: str):
 
 def mugs_method(tmp_path, *overrides: str):
     torch.manual_seed(0)
-    return build_method(mugs_config(tmp_path, *overrides), DataInfo(128, 10))
+    return build(mugs_config(tmp_path, *overrides), 128)
 
 
 def fake_views(batch: int = 4, num_local: int = 2, global_size: int = 16, local_size: int = 8):
     crops = [torch.randn(batch, 3, global_size, global_size) for _ in range(4)]
     crops += [torch.randn(batch, 3, local_size, local_size) for _ in range(num_local)]
-    return [*crops, torch.tensor([True, False] * (batch // 2))]
+    return crops, torch.tensor([True, False] * (batch // 2))  # and which images' student globals were weak
+
+
+def per_image_views(method, cfg):
+    """The per-image (PIL) backend of the method's view layout, as the trainer builds it."""
+    d = cfg.data
+    return PerImageViews(method.views.resolved(d.image_size, d.crop_scale, d.flip, d.blur), d.mean, d.std)
+
+
+def mugs_step(method, views):
+    crops, weak = views
+    return run_step(method, crops, torch.arange(weak.shape[0]), student_strong=~weak)
 
 
 # ------------------------------------------------------------------------------------------------ losses
@@ -133,7 +145,7 @@ def test_local_group_retrieves_neighbours_and_gradients_reach_relation_not_memor
     net, memory = method.student, method.student_memory
     u = torch.randn(32)
     memory.bank.copy_(u.expand_as(memory.bank))
-    assert torch.equal(memory.neighbours(torch.randn(5, 32)), u.expand(5, 4, 32))
+    assert torch.equal(memory_neighbours(memory, torch.randn(5, 32), 4), u.expand(5, 4, 32))
 
     seen = {}
     hook = net.relation.register_forward_hook(lambda module, inputs, output: seen.update(x=inputs[0].detach()))
@@ -152,7 +164,7 @@ def test_local_group_retrieves_neighbours_and_gradients_reach_relation_not_memor
 def test_training_step_with_and_without_local_crops(tmp_path):
     for num_local in (2, 0):
         method = mugs_method(tmp_path, f"method.local_crops_number={num_local}")
-        out = method.training_step(fake_views(num_local=num_local), torch.arange(4), torch.zeros(4))
+        out = mugs_step(method, fake_views(num_local=num_local))
         assert torch.isfinite(out.loss)
         terms = [out.logs[f"loss_{k}"] for k in ("instance", "local_group", "group")]
         assert out.loss.item() == pytest.approx(sum(t.item() for t in terms) / 3, rel=1e-6)
@@ -166,19 +178,19 @@ def test_training_step_with_and_without_local_crops(tmp_path):
 
 def test_legacy_pointer_bug_advances_twice_and_leaves_slots_unwritten():
     for legacy, expected_ptrs, written in ((False, [2, 4, 6, 0], set(range(8))), (True, [4, 0, 4, 0], {0, 1, 4, 5})):
-        memory = LocalGroupMemory(8, 3, top_n=1, legacy_ptr_bug=legacy)
+        memory = local_group_memory(8, 3, legacy_ptr_bug=legacy)
         init = memory.bank.clone()
         ptrs = []
-        for step in range(4):
-            memory.write(torch.full((2, 3), 100.0 + step))
+        for n in range(4):
+            memory.enqueue(torch.full((2, 3), 100.0 + n))
             ptrs.append(int(memory.ptr))
         assert ptrs == expected_ptrs
         changed = {i for i in range(8) if not torch.equal(memory.bank[i], init[i])}
         assert changed == written
-    wrap = LocalGroupMemory(6, 1, top_n=1, legacy_ptr_bug=True)  # a wrapping write moves the pointer correctly
-    assert [wrap.write(torch.ones(4, 1)) and int(wrap.ptr) for _ in range(3)] == [2, 4, 2]
-    keep = LocalGroupMemory(8, 1, top_n=1)
-    assert keep.write(torch.arange(4.0).view(4, 1), keep=torch.tensor([True, False, True, False])) == 2
+    wrap = local_group_memory(6, 1, legacy_ptr_bug=True)  # a wrapping write moves the pointer correctly
+    assert [wrap.enqueue(torch.ones(4, 1)) and int(wrap.ptr) for _ in range(3)] == [2, 4, 2]
+    keep = local_group_memory(8, 1)
+    assert keep.enqueue(torch.arange(4.0).view(4, 1), keep=torch.tensor([True, False, True, False])) == 2
     assert keep.bank[:2, 0].tolist() == [0.0, 2.0] and int(keep.ptr) == 2
 
 
@@ -186,12 +198,12 @@ def test_legacy_pointer_bug_advances_twice_and_leaves_slots_unwritten():
 
 
 def test_schedules_match_closed_forms(tmp_path):
-    temps = teacher_temperatures(0.04, 0.07, 30, 300)
+    temps = np.array([warmup_then_constant(0.04, 0.07, 30, epoch) for epoch in range(300)])
     assert len(temps) == 300 and temps[0] == pytest.approx(0.04) and temps[29] == pytest.approx(0.07)
     assert temps[10] == pytest.approx(0.04 + 0.03 * 10 / 29) and np.all(temps[30:] == 0.07)
-    assert np.all(teacher_temperatures(0.04, 0.04, 0, 100) == 0.04)
+    assert all(warmup_then_constant(0.04, 0.04, 0, epoch) == 0.04 for epoch in range(100))
     for p in (0.0, 0.3, 1.0):
-        assert cosine_momentum(0.996, p) == pytest.approx(1 - 0.004 * (1 + math.cos(math.pi * p)) / 2)
+        assert momentum_at(0.996, p) == pytest.approx(1 - 0.004 * (1 + math.cos(math.pi * p)) / 2)
 
     trainer = Trainer(mugs_config(tmp_path, "train.epochs=4"))
     method, spe = trainer.method, trainer.steps_per_epoch
@@ -207,7 +219,7 @@ def test_schedules_match_closed_forms(tmp_path):
             assert lr == pytest.approx(1e-5 + (trainer.base_lr - 1e-5) * 0.5 * (1 + math.cos(math.pi * progress)))
         wd = 0.1 + (0.04 - 0.1) * 0.5 * (1 + math.cos(math.pi * step / (total - 1)))
         assert trainer.current_weight_decay() == pytest.approx(wd)
-    method.on_epoch_start(1, None)
+    method.on_step_start(Progress(spe, total, spe))  # the first step of epoch 1
     assert method.teacher_temp == pytest.approx(0.07)  # W = 2: linspace(0.04, 0.07, 2)
 
     # the EMA: θ_t ← m θ_t + (1 − m) θ_s with m from the cosine ramp; predictors are not part of it
@@ -215,8 +227,8 @@ def test_schedules_match_closed_forms(tmp_path):
         for p in method.student.parameters():
             p.add_(1.0)
     before = {k: v.clone() for k, v in method.teacher.state_dict().items()}
-    method.on_after_step(0.25)
-    m = cosine_momentum(0.996, 0.25)
+    method.on_after_step(at(0.25))
+    m = momentum_at(0.996, 0.25)
     student = method.student.state_dict()
     for key, value in method.teacher.state_dict().items():
         assert torch.allclose(value, m * before[key] + (1 - m) * student[key], atol=1e-6), key
@@ -226,7 +238,7 @@ def test_schedules_match_closed_forms(tmp_path):
 def test_parameter_groups_and_per_parameter_clipping(tmp_path):
     method = mugs_method(tmp_path)
     names = {id(p): n for n, p in method.student.named_parameters()}
-    groups = {(g.get("lr_scale", 1.0), g.get("weight_decay", "scheduled")): [names[id(p)] for p in g["params"]]
+    groups = {(g.lr_scale, "scheduled" if g.weight_decay else 0.0): [names[id(p)] for p in g.params]
               for g in method.parameter_groups()}
     decayed = groups[(1.0, "scheduled")]
     assert "vit.pos_embed" in decayed and "vit.cls_token" in decayed and "vit.blocks.0.attn.qkv.weight" in decayed
@@ -244,22 +256,24 @@ def test_parameter_groups_and_per_parameter_clipping(tmp_path):
 
 def test_last_layer_is_frozen_during_freeze_last_layer_epochs(tmp_path):
     method = mugs_method(tmp_path, "method.freeze_last_layer=1")
-    optimizer = torch.optim.AdamW(method.parameter_groups(), lr=1e-2, weight_decay=0.04)
+    optimizer = torch.optim.AdamW([{"params": g.params} for g in method.parameter_groups()], lr=1e-2,
+                                  weight_decay=0.04)
     last = method.student.group_head.last_layer
 
-    def step(epoch: int) -> None:
-        method.on_epoch_start(epoch, None)
+    def train_step(epoch: int) -> None:
+        progress = Progress(4 * epoch, 100, 4)
+        method.on_step_start(progress)
         optimizer.zero_grad()
-        method.training_step(fake_views(), torch.arange(4), torch.zeros(4)).loss.backward()
-        method.on_before_optimizer_step()
+        mugs_step(method, fake_views()).loss.backward()
+        method.on_before_optimizer_step(progress)
         optimizer.step()
 
     frozen = [p.clone() for p in last.parameters()]
     other = method.student.vit.pos_embed.clone()
-    step(0)
+    train_step(0)
     assert all(torch.equal(a, b) for a, b in zip(frozen, last.parameters(), strict=True))
     assert not torch.equal(other, method.student.vit.pos_embed)
-    step(1)
+    train_step(1)
     assert not torch.equal(frozen[0], last.weight_v)
 
 
@@ -268,34 +282,39 @@ def test_last_layer_is_frozen_during_freeze_last_layer_epochs(tmp_path):
 
 def test_views_shapes_flag_and_determinism(tmp_path):
     cfg = mugs_config(tmp_path, "method.strong_prob=0.5")
-    method = build_method(cfg, DataInfo(128, 10))
-    make = method.build_views(cfg.data)
+    method = build(cfg, 128)
+    make = per_image_views(method, cfg)
     image = Image.fromarray((np.random.default_rng(0).random((8, 8, 3)) * 255).astype(np.uint8))
     py_state = random.getstate()
     torch.manual_seed(3)
-    first = make(image)
+    first, first_choices = make(image)
     torch.manual_seed(3)
-    second = make(image)
+    second, second_choices = make(image)
+    assert set(first_choices) == {"student_strong", "local_0_strong", "local_1_strong"}
     assert random.getstate() == py_state  # RandAugment ran under a torch-drawn seed
-    assert [tuple(v.shape) for v in first[:-1]] == [(3, 16, 16)] * 4 + [(3, 8, 8)] * 2
-    assert first[-1].dtype == torch.bool and first[-1].dim() == 0
+    assert [tuple(v.shape) for v in first] == [(3, 16, 16)] * 4 + [(3, 8, 8)] * 2
+    flag = first_choices["student_strong"]
+    assert flag.dtype == torch.bool and flag.dim() == 0
     assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
+    assert torch.equal(flag, second_choices["student_strong"])
     flags = set()
     for seed in range(20):
         torch.manual_seed(seed)
-        flags.add(bool(make(image)[-1]))
+        flags.add(bool(make(image)[1]["student_strong"]))
     assert flags == {True, False}
 
 
 def test_colour_jitter_option_keeps_grey_images_grey_and_skips_saturation_and_hue(tmp_path):
     cfg = mugs_config(tmp_path, "method.color_jitter=[0.4,0.4,0.0,0.0]", "method.strong_prob=0.0")
-    make = build_method(cfg, DataInfo(128, 10)).build_views(cfg.data)
-    colour = next(t for t in make.crops.weak_global_1.transforms if isinstance(t, T.RandomApply)).transforms[0]
+    method = build(cfg, 128)
+    make = per_image_views(method, cfg)
+    weak_1 = pil_transform(method.views.resolved(16, (0.2, 1.0), False, True).slots[0])
+    colour = next(t for t in weak_1.transforms if isinstance(t, T.RandomApply)).transforms[0]
     assert (colour.saturation, colour.hue) == (None, None) and colour.brightness == (0.6, 1.4)
     grey = Image.fromarray((np.random.default_rng(1).random((8, 8)) * 255).astype(np.uint8)).convert("RGB")
     mean, std = torch.tensor(cfg.data.mean).view(3, 1, 1), torch.tensor(cfg.data.std).view(3, 1, 1)
     torch.manual_seed(0)
-    for view in make(grey)[:-1]:  # all weak: brightness/contrast only, so R = G = B after un-normalising
+    for view in make(grey)[0]:  # all weak: brightness/contrast only, so R = G = B after un-normalising
         pixels = view * std + mean
         assert torch.allclose(pixels[0], pixels[1], atol=1e-5) and torch.allclose(pixels[1], pixels[2], atol=1e-5)
 
@@ -349,7 +368,7 @@ def test_linear_probe_reads_the_cls_of_the_last_blocks_of_a_vit(tmp_path):
 
     torch.manual_seed(0)
     cfg = mugs_config(tmp_path, "model.depth=3", "eval.linear_vit_blocks=2")
-    vit = build_method(cfg, DataInfo(128, 10)).backbone.eval()
+    vit = build(cfg, 128).backbone.eval()
     x = torch.randn(5, 3, 16, 16)
     with torch.no_grad():
         tokens = vit.norm_pre(vit._pos_embed(vit.patch_embed(x)))

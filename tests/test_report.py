@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import io
 import json
 import re
 import shutil
@@ -15,6 +16,7 @@ from PIL import Image
 
 from conftest import TINY
 from selfsup.cli import main
+from selfsup.data.datasets import ArrayDataset, _digits, register_dataset
 from selfsup.eval.report import (
     build_report,
     embed_2d,
@@ -24,7 +26,8 @@ from selfsup.eval.report import (
     shown_clusters,
 )
 
-SECTIONS = ("Run", "Training curves", "Evaluation", "Embedding of validation features", "Clusters", "Attention maps")
+SECTIONS = ("Run", "Training curves", "Evaluation", "Collapse monitors", "Embedding of validation features", "Clusters",
+            "Nearest-neighbour retrieval", "Near duplicates", "Attention maps")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 TINY_VIT = ["model.backbone=vit_tiny", "model.patch_size=4", "model.embed_dim=32", "model.depth=2",
             "model.num_heads=2", "model.vit_image_size=16"]
@@ -83,6 +86,13 @@ def test_report_is_self_contained_with_plots_scores_and_sections(tiny_run):
     assert "kNN monitor (val)" in page  # alt text of the monitor curve (eval.monitor_every_epochs=1)
     assert "Attention maps are drawn for ViT backbones" in page
     assert "moco" in page and "resnet_mini" in page and "1 of 1" in page  # summary: method, backbone, epochs
+    assert "coloured by class" in page and "RankMe (effective rank)" in page
+    share = re.search(r"red where not: (\d+)% of these neighbours share the query's class", page)
+    assert share and 10 <= int(share.group(1)) <= 100  # a trained model beats the 10% of random neighbours
+    grid = re.search(r'alt="retrieval grid: validation queries and their neighbours" src="data:image/png;base64,'
+                     r'([^"]+)"', page)
+    with Image.open(io.BytesIO(base64.b64decode(grid.group(1)))) as picture:
+        assert picture.width > 9 * 64 and picture.height > 6 * 64  # 6 queries, each with 8 neighbours
 
 
 def test_report_says_what_is_missing_instead_of_failing(tiny_run, tmp_path):
@@ -93,7 +103,9 @@ def test_report_says_what_is_missing_instead_of_failing(tiny_run, tmp_path):
     assert out == tmp_path / "elsewhere" / "page.html" and not (bare / "report.html").exists()
     page = out.read_text()
     assert "No metrics.jsonl records" in page and "No eval.json in" in page
-    assert len(embedded_pngs(page)) == 7  # the embedding and the six cluster rows are still there
+    # still there: the singular-value spectrum, the embedding, the six cluster rows, the retrieval grid and the
+    # near-duplicate pairs
+    assert len(embedded_pngs(page)) == 10
     for heading in SECTIONS:
         assert f"<h2>{heading}</h2>" in page
 
@@ -138,6 +150,60 @@ def test_vit_run_report_shows_attention_maps(tmp_path):
         assert png.format == "PNG" and png.size == (zoom * 16 * (1 + 2), zoom * 16)  # input | 2 heads
 
 
+@register_dataset("test-digits-no-labels")
+def _digits_without_labels(cfg, split):
+    """The digits with every target -1 and no class names: a label-free data set, as a user's image folder."""
+    train_x, _, val_x, _ = _digits()
+    images = train_x if split == "train" else val_x
+    return ArrayDataset("test-digits-no-labels", split, [images], np.full(len(images), -1), [])
+
+
+@pytest.fixture(scope="module")
+def label_free_run(tmp_path_factory):
+    """A 1-epoch MoCo run on the label-free digits, scored by the label-free protocols, and its report."""
+    root = tmp_path_factory.mktemp("label-free")
+    words = [w for w in TINY if not w.startswith("data.name=")]
+    assert main(["train", "quickstart", *words, "data.name=test-digits-no-labels", f"train.output_dir={root}",
+                 "train.epochs=1", "train.threads=1"]) == 0
+    run = root / "run"
+    assert main(["eval", str(run), "--protocol", "knn,rankme,duplicates", "--random-init", "--device", "cpu"]) == 0
+    assert main(["report", str(run), "--max-points", "150", "--device", "cpu"]) == 0
+    return run
+
+
+def visible_text(page: str) -> str:
+    """The page without the resolved config (it names eval.knn_k & co) and without the image data."""
+    return re.sub(r'src="data:[^"]*"', "", re.sub(r"<pre>.*?</pre>", "", page, flags=re.S))
+
+
+LABEL_BASED = ("Purest clusters", "Most mixed clusters", "purity", "coloured by class", "knn", "share the query",
+               "majority")
+
+
+def test_label_free_report_has_retrieval_grids_and_no_label_based_section(label_free_run):
+    page = (label_free_run / "report.html").read_text()
+    for heading in SECTIONS:
+        assert f"<h2>{heading}</h2>" in page
+    shown = visible_text(page)
+    for text in LABEL_BASED:
+        assert text not in shown
+    scores = json.loads((label_free_run / "eval.json").read_text())
+    assert set(scores["trained"]) == {"rankme", "feature_std", "feature_std_x_sqrt_d", "duplicate_pairs",
+                                      "duplicates_val_in_train"}  # knn was skipped, not scored
+    assert f">{scores['trained']['duplicate_pairs']}</td>" in page  # a count, shown without decimals
+    assert "coloured by k-means cluster" in page and "ranked by tightness" in page
+    assert "<h3>Tightest clusters</h3>" in page and page.count('class="cluster"') == 6
+    tightness = [float(t) for t in re.findall(r"tightness <b>([0-9.]+)</b>", page)]
+    assert tightness[:3] == sorted(tightness[:3], reverse=True) and min(tightness[:3]) >= max(tightness[3:])
+    grid = re.search(r'alt="retrieval grid: validation queries and their neighbours" src="data:image/png;base64,'
+                     r'([^"]+)"', page)
+    assert grid is not None
+    with Image.open(io.BytesIO(base64.b64decode(grid.group(1)))) as picture:
+        assert picture.width > 9 * 64 and picture.height > 6 * 64
+    assert re.search(r"<b>\d+</b> pairs of the 256 training images searched have cosine similarity", page)
+    assert len(embedded_pngs(page)) >= 13  # curves, spectrum, embedding, 6 cluster rows, retrieval grid, pairs
+
+
 CHROMIUM = find_chromium()
 
 
@@ -159,6 +225,17 @@ def test_report_renders_in_headless_chromium(tiny_run, tmp_path):
     # matplotlib's default line colour (tab:blue, #1f77b4) appears only inside the plots: they were drawn
     tab_blue = np.abs(pixels - [31, 119, 180]).sum(1) < 30
     assert tab_blue.sum() > 200
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no Chromium on this machine (Debian: apt-get install chromium)")
+def test_label_free_report_renders_in_headless_chromium(label_free_run):
+    page = label_free_run / "report.html"
+    dom = render_in_chromium(page)
+    assert len(re.findall(r'<img[^>]*src="data:image/png;base64,', dom)) == len(embedded_pngs(page.read_text()))
+    assert re.search(r'<img[^>]*alt="retrieval grid: validation queries and their neighbours"', dom)
+    shown = visible_text(dom)
+    for text in LABEL_BASED:
+        assert text not in shown
 
 
 def test_a_failing_browser_is_one_clear_error_and_the_report_is_kept(tiny_run, tmp_path, monkeypatch, capsys):

@@ -13,19 +13,13 @@ import torch
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 
-from conftest import tiny_config
+from conftest import build, tiny_config
+from selfsup.api import build_trainer
 from selfsup.engine.trainer import Trainer
-from selfsup.methods import DataInfo, build_method
-from selfsup.methods.sela import (
-    balanced_random_labels,
-    export_labels,
-    export_torchvision,
-    pseudo_label_scores,
-    relabel_iterations,
-    relabel_times,
-    sela_loss,
-    shard_size,
-)
+from selfsup.eval.clustering import pseudo_label_scores
+from selfsup.export import export_labels, export_torchvision
+from selfsup.methods import EmbedRequest, Progress
+from selfsup.methods.sela import balanced_random_labels, relabel_iterations, relabel_times, sela_loss
 from selfsup.nn.sinkhorn import hard_labels, power_softmax, sinkhorn_knopp, sinkhorn_labels, transport_plan
 
 
@@ -194,8 +188,11 @@ def test_shard_sizes_match_the_sampler():
 
     for n, per_rank, world in [(100, 8, 2), (37, 4, 3), (256, 16, 2), (5, 4, 2)]:
         for rank in range(world):
-            sampler = EpochSampler(n, per_rank, seed=0, rank=rank, world_size=world, drop_last=False)
-            assert shard_size(n, per_rank, rank, world) == len(list(sampler))
+            for drop_last in (False, True) if n >= per_rank * world else (False,):
+                sampler = EpochSampler(n, per_rank, seed=0, rank=rank, world_size=world, drop_last=drop_last)
+                assert len(sampler) == len(list(sampler))
+                sampler.set_epoch(1, start_batch=1)
+                assert len(sampler) == len(list(sampler))
 
 
 SELA = ["data.subset=128", "method.ncl=8", "method.hc=2", "method.nopts=4", "method.tol=0.01"]
@@ -203,9 +200,10 @@ SELA = ["data.subset=128", "method.ncl=8", "method.hc=2", "method.nopts=4", "met
 
 def test_resume_restores_labels_and_schedule_position(tmp_path, capsys):
     # 128 images, batch 32: 4 steps per epoch, 8 in all; t_j = 3.01·128·(j/3)² → updates before steps 0, 2, 6
-    straight = Trainer(tiny_config(tmp_path / "a", *SELA, method="sela"))
+    straight = build_trainer(tiny_config(tmp_path / "a", *SELA, method="sela"))  # with the label monitor
     straight.fit()
     assert (straight.method.iteration, straight.method.relabels) == (8, 3)
+    monitored = straight.callbacks[0].assignment_scores
 
     first = Trainer(tiny_config(tmp_path / "b", *SELA, "train.max_steps=3", method="sela"))
     first.fit()
@@ -227,10 +225,10 @@ def test_resume_restores_labels_and_schedule_position(tmp_path, capsys):
     # balanced), and head 0 is monitored against the digit classes
     for head in straight.method.labels:
         assert torch.bincount(head, minlength=8).min() > 0
-    assert set(straight.method.scores) == {"nmi", "nmi_geometric", "ami", "ari", "acc"}
+    assert set(monitored) == {"nmi", "nmi_geometric", "ami", "ari", "acc"}
 
     # pseudo-label export: CSV and JSON, dataset index → label per head
-    exported = export_labels(tmp_path / "a" / "run", tmp_path / "labels.csv")
+    exported = export_labels(tmp_path / "a" / "run", tmp_path / "labels.csv", score=pseudo_label_scores)
     rows = list(csv.reader(exported.path.open()))
     assert rows[0] == ["index", "image", "head0", "head1"] and len(rows) == 129
     assert rows[5] == ["4", "digits/train[4]", *map(str, straight.method.labels[:, 4].tolist())]
@@ -242,7 +240,7 @@ def test_resume_restores_labels_and_schedule_position(tmp_path, capsys):
     # scored against the digit classes of the 128 training images, head 0 as the training log
     targets = straight.loader.dataset.base.targets
     assert payload["scores"] == pseudo_label_scores(straight.method.labels.numpy(), targets) == exported.scores
-    assert payload["scores"]["head0"]["ami"] == pytest.approx(straight.method.scores["ami"])
+    assert payload["scores"]["head0"]["ami"] == pytest.approx(monitored["ami"])
     printed = capsys.readouterr().out.splitlines()
     assert printed[-3].split()[0] == "head0" and printed[-1].split()[0] == "mean"
     assert float(printed[-1].split()[1]) == pytest.approx(payload["scores"]["mean"]["nmi"], abs=0.01)
@@ -254,36 +252,35 @@ def test_one_head_per_update_and_clean_aggregation(tmp_path):
     trainer = Trainer(cfg)
     method = trainer.method
     before = method.labels.clone()
-    method.on_epoch_start(0, trainer.loader)  # the update before the first step: head 0 % 2
+    trainer._embed_if_requested()  # the update before the first step: head 0 % 2
     assert method.relabels == 1
     assert not torch.equal(method.labels[0], before[0]) and torch.equal(method.labels[1], before[1])
-    method.iteration = 5  # in epoch 1 (4 steps per epoch): head 1
-    method.relabel()
+    request = method.embedding_request(Progress(5, trainer.total_steps, 4))  # in epoch 1 (4 steps per epoch)
+    assert request is not None and (request.transform, request.train_mode, request.shuffle) == ("eval", False, False)
+    method.on_embedding(trainer.embed(request))  # head 1
     assert not torch.equal(method.labels[1], before[1])
     # eval aggregation is deterministic: the features do not depend on the update number or BN batches
-    first, index_a = method.aggregate()
-    method.relabels += 1
-    second, index_b = method.aggregate()
+    first, index_a = trainer.embed(request)
+    second, index_b = trainer.embed(method.embedding_request(Progress(8, trainer.total_steps, 4)))
     assert torch.equal(index_a, torch.arange(128)) and torch.equal(first, second)
 
 
 def test_batch_augmentation_relabels_from_the_views_training_sees(tmp_path):
     # data.augment=batch: the loader yields raw uint8 images; the update must embed augmented, normalised views
     from selfsup.data.batch_augment import batch_transform_from_config
-    from selfsup.methods.sela import RELABEL_SEED
 
     trainer = Trainer(tiny_config(tmp_path, *SELA, "data.augment=batch", method="sela"))
     method = trainer.method
     seen: list[torch.Tensor] = []
     hook = method.encoder.register_forward_pre_hook(lambda module, args: seen.append(args[0].clone()))
-    method.on_epoch_start(0, trainer.loader)  # the update before the first step
-    features, indices = method.aggregate()
+    trainer._embed_if_requested()  # the update before the first step
+    features, indices = trainer.embed(EmbedRequest(method.encoder, seed=123))  # a second pass
     hook.remove()
     assert method.relabels == 1 and features.shape == (128, 64)
     assert torch.equal(indices.sort().values, torch.arange(128))
-    # the second pass (still update 1) draws the same crops and colours as a fresh BatchAugment would
+    # the second pass draws the same crops and colours as a fresh BatchAugment seeded with its seed would
     augment = batch_transform_from_config(trainer.cfg.data, "moco_v1")
-    generator = torch.Generator().manual_seed(trainer.cfg.train.seed + RELABEL_SEED + 1)
+    generator = torch.Generator().manual_seed(123)
     raw = torch.stack([trainer.loader.dataset[(int(i), 0)][0] for i in indices[:32]])
     expected = augment(raw, generator)
     assert seen[4].shape == (32, 3, 16, 16) and torch.equal(seen[4], expected)
@@ -297,7 +294,7 @@ def test_exported_torchvision_resnet_gives_head_zero_logits(tmp_path):
     cfg = tiny_config(tmp_path, "model.backbone=resnet50", "model.small_stem=false", "method.ncl=10",
                       "method.hc=2", method="sela")
     torch.manual_seed(0)
-    method = build_method(cfg, DataInfo(64, 10)).eval()
+    method = build(cfg, 64).eval()
     state, labels = export_torchvision(method, head=0)
     model = torchvision.models.resnet50(num_classes=10)
     model.load_state_dict(state, strict=True)
@@ -321,8 +318,8 @@ def test_fashion_mnist_recipe_updates_labels_about_once_per_epoch():
 
     cfg = load_config(RECIPES / "sela_fashion_mnist.yaml")
     assert cfg.method.name == "sela" and cfg.method.schedule == "linear" and cfg.method.hc >= 2
-    method = build_method(cfg, DataInfo(cfg.data.subset, 10))
-    steps = cfg.train.epochs * method.steps_per_epoch
+    method = build(cfg, cfg.data.subset)
+    steps = cfg.train.epochs * method.run.steps_per_epoch
     updates = relabel_iterations(method.times, cfg.train.batch_size, steps)
     assert updates[0] == 0 and cfg.train.epochs - 2 <= len(updates) <= cfg.train.epochs + 1
-    assert np.diff(updates).max() <= 1.2 * method.steps_per_epoch
+    assert np.diff(updates).max() <= 1.2 * method.run.steps_per_epoch

@@ -51,7 +51,7 @@ def config_for_train(args: argparse.Namespace) -> Config:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from selfsup.engine.trainer import train
+    from selfsup.api import train
 
     cfg = config_for_train(args)
     if args.print_config:
@@ -105,9 +105,10 @@ def cmd_attention(args: argparse.Namespace) -> int:
 
 
 def cmd_labels(args: argparse.Namespace) -> int:
-    from selfsup.methods.sela import export_labels
+    from selfsup.eval.clustering import pseudo_label_scores
+    from selfsup.export import export_labels
 
-    exported = export_labels(args.checkpoint, args.out)
+    exported = export_labels(args.checkpoint, args.out, score=pseudo_label_scores)
     print(exported.path)
     if exported.scores:  # the pseudo-labels against the true classes of the training set
         names = list(exported.scores["mean"])

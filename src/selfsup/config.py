@@ -9,7 +9,7 @@ the nearest valid spelling.
 from __future__ import annotations
 
 import dataclasses
-import difflib
+import importlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,12 +19,13 @@ from typing import Any, Union
 
 import yaml
 
+from selfsup.errors import ConfigError, check_choice, did_you_mean
+from selfsup.registry import METHODS
+
+__all__ = ["ConfigError", "check_choice"]  # re-exported: the error type every config key raises
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-class ConfigError(ValueError):
-    """A recipe or override that does not fit the configuration schema."""
 
 
 @dataclass
@@ -53,6 +54,9 @@ class ModelConfig:
     zero_init_residual: bool = False
     widths: tuple[int, ...] | None = None  # resnet_mini stage widths; None keeps the preset (16/32/64, wide 32/64/128)
     pool_grid: int = 1  # resnet_mini: average-pool the last map to g x g and flatten (C·g² features; 1 = global)
+    # BatchNorm statistics over this many sub-batches per process (selfsup.nn.split_bn, the MoCo CIFAR demo's
+    # SplitBatchNorm): N emulates the per-GPU BatchNorm of an N-GPU seed run on one GPU; 1 = plain BatchNorm
+    bn_splits: int = 1
     # ViTs (selfsup.models.vit); None keeps the architecture's preset, ResNets ignore these
     patch_size: int | None = None
     embed_dim: int | None = None
@@ -60,11 +64,16 @@ class ModelConfig:
     num_heads: int | None = None
     drop_path_rate: float = 0.0  # stochastic depth, linspace(0, rate) over the blocks
     vit_image_size: int = 224  # the position-embedding grid is laid out for this side; other sizes interpolate
+    # how a ViT resamples its position embedding for other input sizes (96-px local crops ...): official = the
+    # DINO/Mugs arithmetic (bicubic, scale factor (grid + 0.1)/old grid, no antialias), so a Mugs run sees the
+    # embeddings the seed's local crops saw | timm = timm's resample_abs_pos_embed (bicubic to the size, antialias)
+    pos_embed_resample: str = "official"
 
 
 @dataclass
 class MethodConfig:
-    """Base of every method's hyper-parameters; each method registers a subclass under ``name``."""
+    """Base of every method's hyper-parameters. A method's subclass sets ``name`` (its one declaration of the
+    name, read by ``@register_method``) and adds its fields."""
 
     name: str = "moco"
 
@@ -130,6 +139,9 @@ class EvalConfig:
     linear_weight_decays: list[float] = field(default_factory=lambda: [1e-6, 1e-5, 1e-4, 1e-3, 1e-2])  # fast: grid
     linear_vit_blocks: int = 4  # ViT: the probe sees the normed CLS of the last n blocks (Mugs/DINO ViT-S; capped)
     linear_vit_avgpool: bool = False  # ViT: append the mean patch token of the last block (their ViT-B, n = 1)
+    # label-free protocols and pictures (selfsup.eval.retrieval, selfsup.eval.report)
+    duplicate_threshold: float = 0.95  # cosine at or above which two images count as near duplicates
+    retrieval_k: int = 8  # neighbours per query in the report's retrieval grid
 
 
 @dataclass
@@ -161,6 +173,9 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    # modules imported before the rest is read (a user's @register_method / @register_dataset / @register_backbone):
+    # importable module names, e.g. [mypkg.ssl_plugins]; every process imports them (CLI, torchrun, Slurm jobs)
+    imports: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return _plain(dataclasses.asdict(self))
@@ -168,24 +183,6 @@ class Config:
     def run_name(self) -> str:
         """``train.run_name``, or ``<method>-<data>-<start time>`` when it is not set."""
         return self.train.run_name or f"{self.method.name}-{self.data.name}-{datetime.now():%Y%m%d-%H%M%S}"
-
-
-# ---------------------------------------------------------------------------------------------
-# method registry
-
-METHOD_CONFIGS: dict[str, type[MethodConfig]] = {}
-
-
-def register_method_config(cls: type[MethodConfig]) -> type[MethodConfig]:
-    """Class decorator: make ``method=<cls.name>`` select this hyper-parameter set."""
-    METHOD_CONFIGS[cls.name] = cls
-    return cls
-
-
-def _method_configs() -> dict[str, type[MethodConfig]]:
-    import selfsup.methods  # noqa: F401  (registers every method)
-
-    return METHOD_CONFIGS
 
 
 # ---------------------------------------------------------------------------------------------
@@ -253,8 +250,26 @@ def set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
     node[last] = value
 
 
+def import_plugins(modules: Any) -> None:
+    """Import the modules a config names under ``imports`` (by module name, on this Python's path), so that what
+    they register exists before the config names it."""
+    if modules is None:
+        return
+    if not isinstance(modules, (list, tuple)) or not all(isinstance(m, str) and m for m in modules):
+        raise ConfigError(f"imports must be a list of module names, e.g. imports=[mypkg.plugins], got {modules!r}")
+    for name in modules:
+        if not all(part.isidentifier() for part in name.split(".")):
+            raise ConfigError(f"imports: {name!r} is not a module name (a dotted Python name such as mypkg.plugins; "
+                              "put a file's folder on PYTHONPATH and name the file without .py)")
+        try:
+            importlib.import_module(name)
+        except ImportError as error:
+            raise ConfigError(f"imports: cannot import {name!r} ({error}); is its folder on PYTHONPATH?") from None
+
+
 def config_from_dict(raw: dict[str, Any]) -> Config:
     raw = dict(raw)
+    import_plugins(raw.get("imports"))
     method_raw = raw.pop("method", None)
     if isinstance(method_raw, str):
         method_raw = {"name": method_raw}
@@ -268,17 +283,8 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
 def build_method_config(raw: dict[str, Any]) -> MethodConfig:
     if not isinstance(raw, dict):
         raise ConfigError(f"'method' must be a mapping or a method name, got {raw!r}")
-    registry = _method_configs()
     name = raw.get("name", MethodConfig.name)
-    if name not in registry:
-        raise ConfigError(f"method.name={name!r} is not a method{_suggest(str(name), registry)}; "
-                          f"choose one of {sorted(registry)}")
-    return _build(registry[name], raw, "method.")
-
-
-def _suggest(word: str, choices: typing.Iterable[str], prefix: str = "") -> str:
-    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.5)
-    return f" (did you mean {prefix + close[0]!r}?)" if close else ""
+    return _build(METHODS[name].config, raw, "method.")
 
 
 def _build(cls: type, raw: Any, prefix: str) -> Any:
@@ -288,7 +294,7 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for key in raw:
         if key not in fields:
-            raise ConfigError(f"unknown key {prefix}{key}{_suggest(str(key), fields, prefix)}; "
+            raise ConfigError(f"unknown key {prefix}{key}{did_you_mean(str(key), fields, prefix)}; "
                               f"valid keys of {prefix.rstrip('.') or 'the config'}: {', '.join(fields)}")
     kwargs = {}
     for name, value in raw.items():
@@ -372,10 +378,3 @@ def _plain(obj: Any) -> Any:
 
 def save_config(cfg: Config, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-
-
-def check_choice(key: str, value: str, choices: typing.Iterable[str]) -> None:
-    """Raise one clear error when ``value`` is not among ``choices``."""
-    choices = list(choices)
-    if value not in choices:
-        raise ConfigError(f"{key}={value!r} is not valid{_suggest(value, choices)}; choose one of {choices}")

@@ -2,15 +2,18 @@
 
 An exported file holds nothing but the backbone's own state-dict tensors (ResNets: plain torchvision keys
 ``conv1.weight``, ``layer1.0.bn1.running_mean`` … and no ``fc``; ViTs: timm's ``cls_token``, ``blocks.0.*``
-…) plus a small metadata record (:class:`BackboneInfo`: backbone name, small_stem, feature_dim, the
-``model`` config section that rebuilds it, and a one-line rebuild hint).
+…; ``sela_resnet50``: the official self-label resnetv2 keys ``features.0.weight``, ``features.2.0.bn1.*`` …
+and no ``top_layer*`` heads) plus a small metadata record (:class:`BackboneInfo`: backbone name, small_stem,
+feature_dim, the ``model`` config section that rebuilds it, and a one-line rebuild hint).
 
 * ``.safetensors``: the tensors, metadata in the safetensors header (``safetensors.torch.load_file`` gives
   the plain state dict);
 * ``.pt`` / ``.pth``: ``{"state_dict": tensors, "selfsup": metadata}`` (loads with ``weights_only=True``).
 
 Rebuilding without selfsup: ``net = torchvision.models.resnet50(); net.fc = torch.nn.Identity()`` loads a
-non-small-stem export with ``strict=True``. A ``small_stem`` run replaced the stem, so first call
+non-small-stem export with ``strict=True``; a ``sela_resnet50`` export loads into the official
+``models.resnetv2(num_classes=[K] * hc)`` of yukimasano/self-label with ``strict=False`` (the heads are not
+in the file). A ``small_stem`` run replaced the stem, so first call
 ``selfsup.models.backbones.use_small_stem(net, net.conv1.out_channels)`` (3×3 stride-1 conv1, no max-pool).
 :func:`load_backbone` does all of this from the metadata, loads with ``strict=True`` and returns the
 module in eval mode; ``build_backbone(ModelConfig(**info.model))`` is the library call behind it.
@@ -18,12 +21,15 @@ module in eval mode; ``build_backbone(ModelConfig(**info.model))`` is the librar
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torchvision
 from torch import nn
@@ -36,7 +42,7 @@ from selfsup.engine.checkpoint import (
     resolve_checkpoint,
     save_checkpoint,
 )
-from selfsup.models import BACKBONES, build_backbone  # the package import registers the ViTs too
+from selfsup.models import BACKBONES, build_backbone  # the package import registers the ViTs and sela_resnet50
 
 FORMAT = "selfsup-backbone/1"
 SUFFIXES = (".safetensors", ".pt", ".pth")
@@ -62,8 +68,12 @@ class BackboneInfo:
                 from None
 
     def rebuild_hint(self) -> str:
+        own = "selfsup.export.load_backbone(path), or build_backbone(ModelConfig(**info.model))"
+        if self.backbone == "sela_resnet50" and not self.small_stem:  # the official key layout, not torchvision's
+            return (f"{own}; or self-label's models.resnetv2(num_classes=[K] * hc).load_state_dict(state, "
+                    "strict=False) (only its top_layer* heads are missing)")
         if not hasattr(torchvision.models, self.backbone):  # selfsup's own (resnet_mini, ViTs ...)
-            return "selfsup.export.load_backbone(path), or build_backbone(ModelConfig(**info.model))"
+            return own
         hint = f"net = torchvision.models.{self.backbone}(); net.fc = torch.nn.Identity()"
         return hint + ("; selfsup.models.backbones.use_small_stem(net, net.conv1.out_channels)"
                        if self.small_stem else "")
@@ -176,14 +186,13 @@ def _backbone_prefix(cfg: Config) -> str:
     The method is built (placeholder data sizes; on the meta device when it allows) to find the module by
     identity, so no data set is needed.
     """
-    from selfsup.methods import DataInfo, build_method
+    from selfsup.engine.trainer import method_for
 
-    data = DataInfo(num_samples=1 << 16, num_classes=1000)
     try:
         with torch.device("meta"):
-            method = build_method(cfg, data)
+            method = method_for(cfg, 1 << 16, 1000)
     except (RuntimeError, NotImplementedError):  # a method whose construction needs real tensor values
-        method = build_method(cfg, data)
+        method = method_for(cfg, 1 << 16, 1000)
     backbone = method.backbone
     name = next(n for n, m in method.named_modules() if m is backbone)
     return f"{name}." if name else ""
@@ -206,3 +215,74 @@ def export_run(checkpoint: str | Path, out: str | Path) -> tuple[Path, BackboneI
     info = BackboneInfo.from_model_config(cfg.model, feature_dim,
                                           f"{path} (epoch {state.get('epoch')}, step {state.get('step')})")
     return save_backbone(tensors, out, info), info
+
+
+# ---------------------------------------------------------------------------------------------
+# SeLa: the released-model layout and the pseudo-labels
+
+
+def export_torchvision(method: nn.Module, head: int = 0) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """A torchvision ResNet state dict with SeLa's head ``head`` as its ``fc``, and that head's pseudo-labels, as the
+    seed's released models: ``torchvision.models.resnet50(num_classes=K).load_state_dict(state)``."""
+    backbone = method.backbone
+    if not isinstance(backbone, torchvision.models.ResNet):
+        raise ValueError(f"export_torchvision needs a torchvision ResNet backbone, got {type(backbone).__name__}")
+    if backbone.conv1.kernel_size != (7, 7):
+        raise ValueError("this backbone has the small-image stem (model.small_stem=true): torchvision's ResNet "
+                         "has a 7x7 conv1 and a max-pool, so the weights would not load")
+    state = {k: v.detach().cpu().clone() for k, v in backbone.state_dict().items()}
+    layer = method.heads[head]
+    state["fc.weight"] = layer.weight.detach().cpu().clone()
+    state["fc.bias"] = layer.bias.detach().cpu().clone()
+    return state, method.labels[head].detach().cpu().clone()
+
+
+@dataclass
+class LabelExport:
+    path: Path  # the written CSV or JSON file
+    scores: dict[str, dict[str, float]] | None  # pseudo_label_scores vs the true labels (None: no labels known)
+
+
+LabelScorer = Callable[[np.ndarray, np.ndarray], dict[str, dict[str, float]]]  # (heads x N labels, targets) -> scores
+
+
+def export_labels(checkpoint_path: str | Path, out_path: str | Path, score: LabelScorer | None = None) -> LabelExport:
+    """Write a SeLa run's pseudo-labels: dataset index (and image: its path for folder data sets,
+    ``ImageDataset.describe``) → label per head. ``.csv`` gives columns index,image,head0..; anything else JSON
+    (which also holds the scores). Where the training set can be read and has class labels, ``score`` (e.g.
+    :func:`selfsup.eval.clustering.pseudo_label_scores`, as ``selfsup labels`` passes) scores them against those."""
+    from selfsup.data.datasets import build_dataset
+
+    state = load_checkpoint(checkpoint_path)
+    labels = state.get("method", {}).get("labels")
+    if labels is None or "config" not in state:
+        raise CheckpointError(f"{checkpoint_path} holds no SeLa label table (method.labels)")
+    cfg = config_from_dict(state["config"])
+    labels = labels.cpu().numpy()
+    names: list[str] | None = None
+    scores: dict[str, dict[str, float]] | None = None
+    try:
+        dataset = build_dataset(cfg.data, cfg.data.train_split)
+        if len(dataset) == labels.shape[1]:
+            names = [dataset.describe(i) for i in range(len(dataset))]
+            targets = np.asarray(dataset.targets)
+            if score is not None and (targets >= 0).any():
+                scores = score(labels, targets)
+    except (OSError, ConfigError, RuntimeError):  # data not reachable here: indices only
+        names = None
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    heads = range(labels.shape[0])
+    if out.suffix.lower() == ".csv":
+        with open(out, "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["index", *(["image"] if names else []), *(f"head{h}" for h in heads)])
+            for i in range(labels.shape[1]):
+                writer.writerow([i, *([names[i]] if names else []), *labels[:, i].tolist()])
+    else:
+        samples = [{"index": i, **({"image": names[i]} if names else {}), "labels": labels[:, i].tolist()}
+                   for i in range(labels.shape[1])]
+        payload = {"num_heads": labels.shape[0], "num_clusters": int(getattr(cfg.method, "ncl", labels.max() + 1)),
+                   "step": state.get("step"), "scores": scores, "samples": samples}
+        out.write_text(json.dumps(payload))
+    return LabelExport(out, scores)

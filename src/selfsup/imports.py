@@ -14,9 +14,16 @@ sub-module name: ``module.encoder_q.conv1.weight``, ``encoder_q.module.conv1.wei
 * ``umbc`` (ISD, MSF, BYOL-asym, CompRess): ``model`` or ``state_dict`` (or the dict itself) →
   ``encoder_q.*`` (target: ``encoder_k.*`` for ISD/BYOL, ``encoder_t.*`` for MSF); left out: the
   projector ``fc.*``, ``predict_q``, ``queue``, ``labels``.
-* ``sela`` (torchvision-style ``*_pp.pth`` releases): ``state_dict`` of a torchvision ResNet; left out:
-  ``fc.*`` (3000 outputs) and the pseudo-labels ``L``/``labels``. SeLa's older own-architecture files
-  (``features.0`` …, resnetv2) are not torchvision models and are not handled.
+* ``sela``, two architectures, told apart by the keys:
+  - the torchvision-style ``*_pp.pth`` releases (README "Aug++", ``change_state_dict.py`` output):
+    ``state_dict`` of a torchvision ResNet → that ResNet; left out: ``fc.*`` (3000 outputs) and the
+    pseudo-labels ``L``/``labels``;
+  - the pre-activation ResNet-50 of ``models/resnetv2.py`` (``--arch resnetv2``): the released
+    ``resnet-10x3k.pth`` (a bare state dict, what ``eval_resnet.py`` loads) or a ``main.py`` checkpoint
+    (``state_dict`` with ``features.module.*`` from its DataParallel, ``optimizer``, ``L``) →
+    ``sela_resnet50``, keys unchanged (``features.0.weight``, ``features.2.0.bn1.weight`` …); left out: the
+    heads ``top_layer0.*`` … (``top_layer.0.*`` with one head) and ``L``.
+  SeLa's AlexNet files (``features.0`` with a bias, ``classifier.*``) are not handled.
 * ``mugs``: ``teacher``/``student`` dicts with ``backbone.*`` keys, or a backbone-only dict (maybe under
   ``state_dict``) → timm ViT keys (``cls_token``, ``blocks.*`` …) of selfsup's ``vit_*`` backbones; left
   out: ``relation_blocks.*`` (the local-group module, outside the ViT here too) and the heads.
@@ -54,6 +61,7 @@ ENCODERS = ("online", "target")
 TRUSTED_GLOBALS = [argparse.Namespace]
 _RESNETS = {(False, (2, 2, 2, 2)): "resnet18", (False, (3, 4, 6, 3)): "resnet34",
             (True, (3, 4, 6, 3)): "resnet50", (True, (3, 4, 23, 3)): "resnet101"}
+RESNETV2_KEY = "features.2.0.bn1.weight"  # the first pre-activation BN of SeLa's resnetv2 (no such key elsewhere)
 _VITS = {192: ("vit_tiny", 3), 384: ("vit_small", 6), 768: ("vit_base", 12), 1024: ("vit_large", 16)}  # width: heads
 
 
@@ -126,8 +134,10 @@ def detect_layout(obj: dict[str, Any]) -> str:
         return "mugs"
     if "conv1.weight" in sd:
         return "sela" if "fc.weight" in sd and ("L" in obj or "labels" in obj) else "torchvision"
-    raise ImportMismatchError(f"cannot tell which seed wrote this file (no encoder_q.*, cls_token or conv1.weight "
-                              f"key); {_describe(obj)}. Pass the layout: one of {list(LAYOUTS[1:])}")
+    if RESNETV2_KEY in sd:
+        return "sela"
+    raise ImportMismatchError(f"cannot tell which seed wrote this file (no encoder_q.*, cls_token, conv1.weight or "
+                              f"{RESNETV2_KEY} key); {_describe(obj)}. Pass the layout: one of {list(LAYOUTS[1:])}")
 
 
 def _drop(state: dict[str, torch.Tensor], prefixes: tuple[str, ...]) -> dict[str, torch.Tensor]:
@@ -157,8 +167,8 @@ def import_state_dict(obj: dict[str, Any], layout: str = "auto", encoder: str | 
             raise ConfigError(f"the {layout} layout holds one network; there is no target encoder")
         encoder = ""
         where, sd = _container(obj, ("state_dict", "model"))
-        state = _drop(sd, ("fc.",))
-        source = f"{where} without fc.*"
+        state = _drop(sd, ("fc.", "top_layer"))  # top_layer*: the heads of SeLa's resnetv2
+        source = f"{where} without fc.*" + (", top_layer*" if RESNETV2_KEY in sd else "")
     else:  # mugs
         encoder = encoder or "target"
         if "teacher" in obj or "student" in obj:
@@ -204,6 +214,8 @@ def infer_backbone(state: dict[str, torch.Tensor]) -> BackboneInfo:
         model = ModelConfig(backbone=name, small_stem=False, patch_size=patch, embed_dim=width, num_heads=heads,
                             depth=_indices(state, "blocks."), vit_image_size=grid * patch)
         return BackboneInfo.from_model_config(model, width)
+    if RESNETV2_KEY in state:
+        return _infer_resnetv2(state)
     _require(state, ("conv1.weight", "bn1.weight", "layer1.0.conv1.weight", "layer4.0.conv1.weight"), "ResNet")
     bottleneck = "layer1.0.conv3.weight" in state
     depths = tuple(_indices(state, f"layer{i}.") for i in range(1, 5))
@@ -220,6 +232,17 @@ def infer_backbone(state: dict[str, torch.Tensor]) -> BackboneInfo:
     _require(state, (last,), name)
     model = ModelConfig(backbone=name, small_stem=state["conv1.weight"].shape[-1] == 3)
     return BackboneInfo.from_model_config(model, int(state[last].shape[0]))
+
+
+def _infer_resnetv2(state: dict[str, torch.Tensor]) -> BackboneInfo:
+    """SeLa's pre-activation ResNet (``features.0`` stem conv, ``features.2``-``5`` stages): only the 50-layer one."""
+    depths = tuple(_indices(state, f"features.{i}.") for i in range(2, 6))
+    if depths != (3, 4, 6, 3) or "features.2.0.conv3.weight" not in state:
+        raise ImportMismatchError(f"a pre-activation ResNet with {depths} blocks per stage: only SeLa's ResNet-50 "
+                                  "(bottlenecks, (3, 4, 6, 3)) is known (sela_resnet50)")
+    _require(state, ("features.0.weight", "features.5.2.conv3.weight"), "SeLa resnetv2")
+    model = ModelConfig(backbone="sela_resnet50", small_stem=state["features.0.weight"].shape[-1] == 3)
+    return BackboneInfo.from_model_config(model, int(state["features.5.2.conv3.weight"].shape[0]))
 
 
 def check_against_model(state: dict[str, torch.Tensor], info: BackboneInfo, what: str) -> None:

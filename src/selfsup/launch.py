@@ -125,7 +125,8 @@ class TrainJob:
         self.config = config
 
     def __call__(self) -> dict[str, Any]:
-        from selfsup.engine.trainer import Preempted, Trainer
+        from selfsup.api import build_trainer
+        from selfsup.engine.trainer import Preempted
         from selfsup.nn import distributed
 
         os.environ.update(distributed_env(os.environ))
@@ -133,7 +134,7 @@ class TrainJob:
         preempt_signal = submitit_signal() if "SUBMITIT_EXECUTOR" in os.environ else None
         requeue = signal.getsignal(preempt_signal) if preempt_signal is not None else None
         try:
-            trainer = Trainer(cfg)
+            trainer = build_trainer(cfg)
             if preempt_signal is not None and preempt_signal not in trainer.preemption_signals:
                 trainer.preemption_signals = (*trainer.preemption_signals, preempt_signal)
             return trainer.fit()

@@ -1,4 +1,4 @@
-"""Batched, device-side versions of the augmentation recipes of :mod:`selfsup.data.transforms`.
+"""The batched backend of the augmentation recipes (:mod:`selfsup.data.recipes`): tensor ops on the training device.
 
 Every op takes a float batch ``(B, C, H, W)`` in [0, 1] and per-sample parameter tensors, and runs a fixed
 number of tensor kernels whatever the batch size (no Python loop over samples, no host synchronisation), on
@@ -14,8 +14,12 @@ fixed parameters. Differences from the per-sample PIL pipeline of :func:`selfsup
   (grey mean rounded to an integer, 8-bit HSV) differ slightly from torchvision's tensor kernels.
 * Luma weights are torchvision's tensor ones, 0.2989 / 0.587 / 0.114 (PIL's ``convert("L")`` uses
   0.299 / 0.587 / 0.114 in integer arithmetic).
-* All images of a batch share one size (a data set of varied sizes must be resized/padded in the loader).
-* Bilinear interpolation only (no bicubic RandomResizedCrop as in DINO / Mugs).
+* All images of a batch share one size. Variable-size data sets crop on the loader workers instead (stage 1 of
+  :mod:`selfsup.data.pipeline`, PIL with antialiasing, bicubic where the recipe says so) and this module runs the
+  rest (``geometry=False``).
+* Bilinear interpolation only for the on-device crop (no bicubic RandomResizedCrop as in DINO / Mugs).
+* DINO/Mugs' PIL blur (``ImageFilter.GaussianBlur(radius=σ)``, an approximation by box filters) is a true Gaussian of
+  σ = radius here, over ±3σ of the largest σ.
 * Colour jitter applies its four adjustments in an independent random order **per sample** (torchvision
   draws one order per call, i.e. per image, so the distribution is the same).
 
@@ -35,7 +39,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from selfsup.config import IMAGENET_MEAN, IMAGENET_STD, ConfigError, DataConfig, check_choice
-from selfsup.data.transforms import TRANSFORMS, blur_kernel_size
+from selfsup.data import recipes as R
+from selfsup.data.transforms import TRANSFORMS
 
 Factor = Tensor | float
 LUMA = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
@@ -290,6 +295,19 @@ def solarize(images: Tensor, mask: Tensor, threshold: float = 0.5) -> Tensor:
     return torch.lerp(images, 1.0 - images, weight)
 
 
+def erase(images: Tensor, boxes: Tensor, mask: Tensor, noise: Tensor) -> Tensor:
+    """Replace the box (top, left, height, width) of each sample in ``mask`` by ``noise`` (same shape as ``images``),
+    as torchvision's ``erase`` with a random value."""
+    b, _, h, w = images.shape
+    boxes, mask = boxes.to(images.device), mask.to(images.device)
+    rows = torch.arange(h, device=images.device)
+    cols = torch.arange(w, device=images.device)
+    inside_rows = (rows >= boxes[:, :1]) & (rows < boxes[:, :1] + boxes[:, 2:3])  # (B, H)
+    inside_cols = (cols >= boxes[:, 1:2]) & (cols < boxes[:, 1:2] + boxes[:, 3:4])  # (B, W)
+    inside = inside_rows[:, :, None] & inside_cols[:, None, :] & mask.reshape(-1, 1, 1)
+    return torch.where(inside[:, None], noise.to(images.dtype), images)
+
+
 def normalize(images: Tensor, mean: Sequence[float] | Tensor, std: Sequence[float] | Tensor,
               out: Tensor | None = None) -> Tensor:
     """``(images - mean) / std`` per channel (written into ``out`` if given)."""
@@ -375,6 +393,29 @@ def sample_crop_boxes(batch: int, height: int, width: int, scale: tuple[float, f
     return torch.stack((top, left, ch, cw), dim=1).to(torch.int64)
 
 
+def sample_erase_boxes(batch: int, height: int, width: int, scale: tuple[float, float] = (0.02, 0.33),
+                       ratio: tuple[float, float] = (0.3, 3.3), generator: torch.Generator | None = None,
+                       attempts: int = 10) -> tuple[Tensor, Tensor]:
+    """(B, 4) int64 boxes and (B,) found flags with the law of ``RandomErasing.get_params``: the first of
+    ``attempts`` (area fraction, log-aspect) candidates strictly inside the image, at a uniform position; none
+    found: nothing is erased."""
+    area = height * width
+    u = _rand(batch, attempts, 2, generator=generator)
+    target = area * (scale[0] + (scale[1] - scale[0]) * u[..., 0])
+    lo, hi = math.log(ratio[0]), math.log(ratio[1])
+    aspect = torch.exp(lo + (hi - lo) * u[..., 1])
+    eh = torch.sqrt(target * aspect).round()
+    ew = torch.sqrt(target / aspect).round()
+    fits = (eh < height) & (ew < width)
+    first = fits.to(torch.int64).argmax(dim=1, keepdim=True)
+    found = fits.any(dim=1)
+    eh, ew = eh.gather(1, first)[:, 0], ew.gather(1, first)[:, 0]
+    pos = _rand(batch, 2, generator=generator)
+    top = torch.minimum((pos[:, 0] * (height - eh + 1)).floor(), (height - eh).clamp(min=0))
+    left = torch.minimum((pos[:, 1] * (width - ew + 1)).floor(), (width - ew).clamp(min=0))
+    return torch.stack((top, left, eh, ew), dim=1).to(torch.int64), found
+
+
 @dataclass
 class AugmentParams:
     """Per-sample parameters of one :class:`BatchAugment` call (all (B, ...) tensors)."""
@@ -388,6 +429,8 @@ class AugmentParams:
     blur: Tensor  # (B,) bool
     sigma: Tensor  # (B,) blur sigma
     solarize: Tensor  # (B,) bool
+    erase: Tensor  # (B,) bool: random erasing applied (and a box found)
+    erase_boxes: Tensor  # (B, 4) int64
 
     def to(self, device: torch.device, dtype: torch.dtype | None = None) -> AugmentParams:
         """Moved to ``device`` (CPU -> CUDA via pinned memory, asynchronously); floating fields cast to ``dtype``."""
@@ -415,9 +458,11 @@ class BatchAugment(nn.Module):
     Random recipe: RandomResizedCrop(``size``, ``scale``, ``ratio``) + flip(p=0.5 if ``flip``) ->
     [RandomGrayscale(``gray_p``) if ``gray_first``] -> RandomApply(ColorJitter(*``jitter``), ``jitter_p``) ->
     RandomGrayscale(``gray_p``) -> RandomApply(GaussianBlur(``blur_kernel``, ``blur_sigma``), ``blur_p``) ->
-    RandomSolarize(``solarize_threshold``, ``solarize_p``) -> Normalize. The flip is folded into the crop: it
-    commutes with the per-pixel ops and the symmetric, reflect-padded blur. ``center_crop_ratio`` set instead
-    gives the deterministic eval view Resize(size / ratio) -> CenterCrop(size). ``cpu_chunk``: see :meth:`forward`.
+    RandomSolarize(``solarize_threshold``, ``solarize_p``) -> RandomErasing(``erase_p``, random values) ->
+    Normalize. The flip is folded into the crop: it commutes with the per-pixel ops and the symmetric,
+    reflect-padded blur. ``geometry=False``: the images come already cropped and flipped to ``size`` (stage 1 of
+    :mod:`selfsup.data.pipeline`) and only the rest runs. ``center_crop_ratio`` set instead gives the deterministic
+    eval view Resize(size / ratio) -> CenterCrop(size). ``cpu_chunk``: see :meth:`forward`.
     """
 
     def __init__(self, size: int, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD, *,
@@ -425,8 +470,8 @@ class BatchAugment(nn.Module):
                  flip: bool = True, jitter: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0),
                  jitter_p: float = 0.0, gray_p: float = 0.0, gray_first: bool = False,
                  blur_p: float = 0.0, blur_sigma: tuple[float, float] = (0.1, 2.0), blur_kernel: int = 23,
-                 solarize_p: float = 0.0, solarize_threshold: float = 0.5,
-                 center_crop_ratio: float | None = None, cpu_chunk: int = 2**20) -> None:
+                 solarize_p: float = 0.0, solarize_threshold: float = 0.5, erase_p: float = 0.0,
+                 geometry: bool = True, center_crop_ratio: float | None = None, cpu_chunk: int = 2**20) -> None:
         super().__init__()
         if size < 1:
             raise ConfigError(f"image size must be positive, got {size}")
@@ -438,12 +483,19 @@ class BatchAugment(nn.Module):
         self.gray_p, self.gray_first = gray_p, gray_first
         self.blur_p, self.blur_sigma, self.blur_kernel = blur_p, tuple(blur_sigma), blur_kernel
         self.solarize_p, self.solarize_threshold = solarize_p, solarize_threshold
+        self.erase_p, self.geometry = erase_p, geometry
         self.center_crop_ratio, self.cpu_chunk = center_crop_ratio, cpu_chunk
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32), persistent=False)
 
     def sample(self, batch: int, height: int, width: int, generator: torch.Generator | None = None) -> AugmentParams:
-        """Draw every parameter of a batch (always the same draws in the same order, whatever the recipe)."""
+        """Draw every parameter of a batch (always the same draws in the same order, whatever the recipe; erasing's
+        draws come last, so recipes without it draw as before it existed)."""
+        erase, erase_boxes = torch.zeros(batch, dtype=torch.bool), torch.zeros(batch, 4, dtype=torch.int64)
+        if self.erase_p > 0:
+            erase = sample_mask(batch, self.erase_p, generator)
+            erase_boxes, found = sample_erase_boxes(batch, self.size, self.size, generator=generator)
+            erase = erase & found
         return AugmentParams(
             boxes=sample_crop_boxes(batch, height, width, self.scale, self.ratio, generator),
             flip=sample_mask(batch, 0.5 if self.flip else 0.0, generator),
@@ -454,12 +506,22 @@ class BatchAugment(nn.Module):
             blur=sample_mask(batch, self.blur_p, generator),
             sigma=sample_uniform(batch, *self.blur_sigma, generator=generator),
             solarize=sample_mask(batch, self.solarize_p, generator),
+            erase=erase,
+            erase_boxes=erase_boxes,
         )
 
-    def apply(self, images: Tensor, params: AugmentParams) -> Tensor:
-        """The random recipe with given parameters on a float batch in [0, 1] (before normalisation)."""
+    def apply(self, images: Tensor, params: AugmentParams, noise: Tensor | None = None) -> Tensor:
+        """The random recipe with given parameters on a float batch in [0, 1] (before normalisation); ``noise``:
+        the erasing values, (B, 3, size, size)."""
         p = params.to(images.device, images.dtype)
-        return self._transform(images, p, self._plan(p)).expand(-1, 3, -1, -1)
+        return self._finish(self._transform(images, p, self._plan(p)), p, noise)
+
+    def _finish(self, x: Tensor, p: AugmentParams, noise: Tensor | None) -> Tensor:
+        """Three channels (a grey batch is repeated), then random erasing with per-pixel ``noise``."""
+        x = x.expand(-1, 3, -1, -1)
+        if self.erase_p > 0 and noise is not None:
+            x = erase(x, p.erase_boxes, p.erase, noise)
+        return x
 
     def _plan(self, p: AugmentParams) -> Tensor | None:
         return jitter_plan(p.factors, p.order, p.jitter if self.jitter_p < 1 else None) if self.jitter_p > 0 else None
@@ -467,7 +529,7 @@ class BatchAugment(nn.Module):
     def _transform(self, images: Tensor, p: AugmentParams, plan: Tensor | None) -> Tensor:
         # a grey batch stays one channel until the end, as torchvision treats a 1-channel image: saturation, hue
         # and grayscale leave it unchanged (3x fewer values, no hue pass); _views repeats it over 3 channels
-        x = resized_crop_flip(images, p.boxes, p.flip, self.size)
+        x = resized_crop_flip(images, p.boxes, p.flip, self.size) if self.geometry else images
         if self.gray_p > 0 and self.gray_first:
             x = grayscale(x, p.gray)
         if plan is not None:
@@ -482,14 +544,14 @@ class BatchAugment(nn.Module):
         return x
 
     def _views(self, images: Tensor, params: AugmentParams | None, plan: Tensor | None,
-               out: Tensor | None = None) -> Tensor:
+               out: Tensor | None = None, noise: Tensor | None = None) -> Tensor:
         """uint8/float, 1/3-channel (chunk of a) batch -> normalised views (written into ``out`` if given)."""
         x = images.float().div_(255) if images.dtype == torch.uint8 else images
         if params is None:
             x = resize_center_crop(x, round(self.size / self.center_crop_ratio), self.size)
             x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
         else:
-            x = self._transform(x, params, plan).expand(-1, 3, -1, -1)
+            x = self._finish(self._transform(x, params, plan), params, noise)
         return normalize(x, self.mean.to(x.dtype), self.std.to(x.dtype), out=out)
 
     def forward(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
@@ -504,19 +566,25 @@ class BatchAugment(nn.Module):
         if images.dtype != torch.uint8 and not images.is_floating_point():
             raise TypeError(f"expected uint8 or float images, got {images.dtype}")
         b, _, h, w = images.shape
+        if not self.geometry and (h, w) != (self.size, self.size):
+            raise ValueError(f"geometry=False expects images cropped to {self.size} px, got {h}x{w}")
         dtype = images.dtype if images.is_floating_point() else torch.float32
-        params, plan = None, None
+        params, plan, noise = None, None, None
         if self.center_crop_ratio is None:
             params = self.sample(b, h, w, generator).to(images.device, dtype)
             plan = self._plan(params)
+            if self.erase_p > 0:
+                noise = torch.randn((b, 3, self.size, self.size), generator=generator, device=_device(generator),
+                                    dtype=dtype).to(images.device)
         step = max(1, self.cpu_chunk // (3 * h * w)) if images.device.type == "cpu" else b
         if step >= b:
-            return self._views(images, params, plan)
+            return self._views(images, params, plan, noise=noise)
         out = images.new_empty((b, 3, self.size, self.size), dtype=dtype)
         for i in range(0, b, step):
             chunk = slice(i, i + step)
             part = None if params is None else params[chunk]
-            self._views(images[chunk], part, None if plan is None else plan[:, chunk], out[chunk])
+            self._views(images[chunk], part, None if plan is None else plan[:, chunk], out[chunk],
+                        None if noise is None else noise[chunk])
         return out
 
     def extra_repr(self) -> str:
@@ -524,7 +592,39 @@ class BatchAugment(nn.Module):
             return f"size={self.size}, center_crop_ratio={self.center_crop_ratio}"
         return (f"size={self.size}, scale={self.scale}, flip={self.flip}, jitter={self.jitter}, p={self.jitter_p}, "
                 f"gray_p={self.gray_p}, blur_p={self.blur_p}, sigma={self.blur_sigma}, k={self.blur_kernel}, "
-                f"solarize_p={self.solarize_p}")
+                f"solarize_p={self.solarize_p}, erase_p={self.erase_p}, geometry={self.geometry}")
+
+
+def batch_augment(recipe: R.Recipe, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD, *,
+                  geometry: bool = True) -> BatchAugment:
+    """The batched backend of a resolved recipe: its crop and flip on the device (``geometry``), or not (stage 2
+    of the two-stage path), then its photometric ops in the recipe's order."""
+    if geometry and recipe.op(R.RandAugment) is not None:
+        raise ConfigError(f"recipe {recipe.name!r} has RandAugment, which runs on the loader workers: "
+                          "it needs the two-stage path (selfsup.data.pipeline), not an on-device crop")
+    crop = recipe.crop
+    if geometry and crop.interpolation != "bilinear":
+        raise ConfigError(f"recipe {recipe.name!r} crops with {crop.interpolation} interpolation; the on-device crop "
+                          "is bilinear only (the two-stage path crops on the workers with any interpolation)")
+    flip = recipe.flip_p
+    if flip not in (0.0, 0.5):
+        raise ConfigError(f"recipe {recipe.name!r}: the batched flip has probability 0.5 (or none), got {flip}")
+    options: dict = {}
+    for op in recipe.photometric():
+        if isinstance(op, R.ColorJitter):
+            options.update(jitter=(op.brightness, op.contrast, op.saturation, op.hue), jitter_p=op.p)
+        elif isinstance(op, R.Grayscale):
+            options.update(gray_p=op.p, gray_first="jitter" not in options)
+        elif isinstance(op, R.GaussianBlur):
+            options.update(blur_p=op.p, blur_sigma=op.sigma, blur_kernel=op.kernel)
+        elif isinstance(op, R.Solarize):  # PIL inverts the uint8 values >= threshold
+            options.update(solarize_p=op.p, solarize_threshold=(op.threshold - 0.5) / 255)
+        elif isinstance(op, R.RandomErasing):
+            options.update(erase_p=op.p)
+    if options.get("gray_first") and "jitter" not in options:
+        options["gray_first"] = False  # grey alone: where it sits does not matter
+    return BatchAugment(recipe.size, mean, std, scale=crop.scale, ratio=crop.ratio, flip=flip > 0, geometry=geometry,
+                        **options)
 
 
 def build_batch_transform(name: str, image_size: int, mean: Sequence[float] = IMAGENET_MEAN,
@@ -535,16 +635,7 @@ def build_batch_transform(name: str, image_size: int, mean: Sequence[float] = IM
     check_choice("transform", name, TRANSFORMS)
     if name == "eval":
         return BatchAugment(image_size, mean, std, center_crop_ratio=crop_ratio)
-    common = dict(scale=scale, flip=flip)
-    if name == "weak":
-        return BatchAugment(image_size, mean, std, **common)
-    if name == "moco_v1":
-        return BatchAugment(image_size, mean, std, jitter=(0.4, 0.4, 0.4, 0.4), jitter_p=1.0, gray_p=0.2,
-                            gray_first=True, **common)
-    k = image_size / 224
-    return BatchAugment(image_size, mean, std, jitter=(0.4, 0.4, 0.4, 0.1), jitter_p=0.8, gray_p=0.2,
-                        blur_p=0.5 if blur else 0.0, blur_sigma=(0.1 * k, 2.0 * k),
-                        blur_kernel=blur_kernel_size(image_size), **common)
+    return batch_augment(R.named_recipe(name).resolved(image_size, tuple(scale), flip, blur), mean, std)
 
 
 def batch_transform_from_config(cfg: DataConfig, name: str) -> BatchAugment:

@@ -23,9 +23,12 @@ class MultiView:
         return [transform(image) for transform in self.transforms]
 
 
+Choices = dict[str, torch.Tensor]  # per-image draws of a view layout (e.g. Mugs: were the student's globals weak?)
+
+
 class ViewDataset(Dataset):
-    """``(views, index, label)`` samples: ``make_views(image)`` gives the list of views of one image
-    (a :class:`MultiView`, or a method's own multi-crop producer).
+    """``(views, choices, index, label)`` samples: ``make_views(image)`` gives the list of views of one image
+    (a :class:`MultiView`), or a ``(views, choices)`` pair (a method's own multi-crop producer).
 
     Keys are ``(index, seed)`` pairs from :class:`EpochSampler`; the views draw from torch's RNG
     reseeded with ``seed`` (the caller's RNG is left untouched).
@@ -38,17 +41,18 @@ class ViewDataset(Dataset):
     def __len__(self) -> int:
         return len(self.base)
 
-    def __getitem__(self, key: tuple[int, int]) -> tuple[list[torch.Tensor], int, int]:
+    def __getitem__(self, key: tuple[int, int]) -> tuple[list[torch.Tensor], Choices, int, int]:
         index, seed = key
         image, label = self.base[index]
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             views = self.make_views(image)
-        return views, index, label
+        views, choices = views if isinstance(views, tuple) else (views, {})
+        return views, choices, index, label
 
 
 class ImageTensorDataset(Dataset):
-    """``(uint8 image tensor (C, H, W), index, label)`` for augmentation on the training device
+    """``(uint8 image tensor (C, H, W), {}, index, label)`` for augmentation on the training device
     (``data.augment=batch``); keys are ``(index, seed)`` from :class:`EpochSampler` (the seed is unused)."""
 
     def __init__(self, base: Dataset):
@@ -57,10 +61,10 @@ class ImageTensorDataset(Dataset):
     def __len__(self) -> int:
         return len(self.base)
 
-    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int, int]:
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, Choices, int, int]:
         index, _ = key
         image, label = self.base[index]
-        return pil_to_tensor(image), index, label
+        return pil_to_tensor(image), {}, index, label
 
 
 class EvalDataset(Dataset):
@@ -120,16 +124,20 @@ class EpochSampler(Sampler[tuple[int, int]]):
         seeds = torch.randint(0, 2**62, (self.num_samples,), generator=generator)
         return order, seeds
 
+    def _positions(self, batch: int) -> range:
+        """The positions of global batch ``batch`` in the epoch's order that this rank loads (its share)."""
+        start = batch * self.global_batch
+        stop = min(start + self.global_batch, self.num_samples)
+        share = -(-(stop - start) // self.world_size)
+        lo = start + self.rank * share
+        return range(lo, min(lo + share, stop))
+
     def __iter__(self) -> Iterator[tuple[int, int]]:
         order, seeds = self._order()
         for batch in range(self.start_batch, self.batches_per_epoch):
-            start = batch * self.global_batch
-            stop = min(start + self.global_batch, self.num_samples)
-            share = -(-(stop - start) // self.world_size)
-            lo = start + self.rank * share
-            for position in range(lo, min(lo + share, stop)):
+            for position in self._positions(batch):
                 yield int(order[position]), int(seeds[position])
 
     def __len__(self) -> int:
-        batches = self.batches_per_epoch - self.start_batch
-        return max(batches, 0) * self.batch_size
+        """The number of samples this rank yields in the epoch (from ``start_batch`` on)."""
+        return sum(len(self._positions(batch)) for batch in range(self.start_batch, self.batches_per_epoch))

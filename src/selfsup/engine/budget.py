@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from selfsup.config import ConfigError
@@ -31,33 +31,36 @@ class TimeBudget:
 
     The step time is measured from step ``warmup_steps`` on (the first steps pay start-up costs) and
     includes everything between steps — data, epoch-end checkpoints, monitors — so the plan converges on
-    the real deadline. ``elapsed`` carries the time already spent by a resumed run.
+    the real deadline. ``elapsed`` carries the time already spent by a resumed run. ``clock`` (seconds,
+    monotonic) is injectable, so the planner is tested without depending on the machine's speed.
     """
 
-    def __init__(self, seconds: float, *, warmup_steps: int = 3, elapsed: float = 0.0):
+    def __init__(self, seconds: float, *, warmup_steps: int = 3, elapsed: float = 0.0,
+                 clock: Callable[[], float] = time.monotonic):
         self.seconds = seconds
         self.warmup_steps = warmup_steps
-        self._start = time.monotonic() - elapsed
+        self.clock = clock
+        self._start = clock() - elapsed
         self._mark: tuple[int, float] | None = None
 
     def elapsed(self) -> float:
-        return time.monotonic() - self._start
+        return self.clock() - self._start
 
     @contextmanager
     def paused(self) -> Iterator[None]:
         """Time spent inside does not count (e.g. an evaluation in a time-to-accuracy benchmark)."""
-        began = time.monotonic()
+        began = self.clock()
         try:
             yield
         finally:
-            spent = time.monotonic() - began
+            spent = self.clock() - began
             self._start += spent
             if self._mark is not None:
                 self._mark = (self._mark[0], self._mark[1] + spent)
 
     def plan(self, step: int, current_plan: int) -> int:
         """Total steps that fit, given ``step`` steps done now (``current_plan`` until a rate is known)."""
-        now = time.monotonic()
+        now = self.clock()
         remaining = self.seconds - (now - self._start)
         if remaining <= 0:
             return step

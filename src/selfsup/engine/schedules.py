@@ -1,7 +1,11 @@
-"""Learning-rate schedules, precomputed as one value per optimiser step (DINO style).
+"""Every schedule of a run, as a function of the training position (step, epoch or progress in [0, 1]).
 
-The seeds set the rate once per epoch: cosine ``lr·0.5(1+cos(π·e/E))`` with e the 0-indexed epoch
-(identical to the UMBC ``(e−1)/E`` with 1-indexed epochs) and step ``lr·rate^{#milestones ≤ e}``.
+One cosine (:func:`cosine`) serves the learning rate, the weight decay (DINO/Mugs), the teacher momentum
+(BYOL/DINO/Mugs) and anything else that ramps, so ``train.time_budget`` (which re-plans the total) and
+resume are right for all of them.
+
+Learning rate: the seeds set the rate once per epoch: cosine ``lr·0.5(1+cos(π·e/E))`` with e the 0-indexed
+epoch (identical to the UMBC ``(e−1)/E`` with 1-indexed epochs) and step ``lr·rate^{#milestones ≤ e}``.
 ``per_step`` evaluates the same curves at fractional epochs instead.
 """
 
@@ -11,9 +15,16 @@ import math
 
 import numpy as np
 
-from selfsup.config import OptimConfig, check_choice
+from selfsup.config import OptimConfig
+from selfsup.errors import check_choice
 
 SCHEDULES = ("cosine", "step", "constant")
+
+
+def cosine(start: float, end: float, progress: float) -> float:
+    """``end + (start − end)·(1 + cos(π·p))/2``: ``start`` at p = 0, ``end`` at p = 1 (p clipped to [0, 1])."""
+    progress = min(max(progress, 0.0), 1.0)
+    return end + (start - end) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def lr_at_epoch(cfg: OptimConfig, base_lr: float, epoch: float, total_epochs: float) -> float:
@@ -23,8 +34,7 @@ def lr_at_epoch(cfg: OptimConfig, base_lr: float, epoch: float, total_epochs: fl
         return base_lr * epoch / warmup
     if cfg.schedule == "cosine":
         span = max(total_epochs - warmup, 1e-12)
-        progress = min(max((epoch - warmup) / span, 0.0), 1.0)
-        return cfg.min_lr + (base_lr - cfg.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+        return cosine(base_lr, cfg.min_lr, (epoch - warmup) / span)
     if cfg.schedule == "step":
         passed = sum(1 for milestone in cfg.lr_decay_epochs if milestone <= epoch)
         return base_lr * cfg.lr_decay_rate**passed
@@ -39,11 +49,38 @@ def lr_at_step(cfg: OptimConfig, base_lr: float, step: int, steps_per_epoch: int
     return lr_at_epoch(cfg, base_lr, position, epochs)
 
 
+def lr_at_planned_step(cfg: OptimConfig, base_lr: float, step: int, steps_per_epoch: int, total_steps: int) -> float:
+    """The rate of step ``step`` when the run is planned as ``total_steps`` steps (a time budget): per step,
+    reaching the schedule's final value on the last planned step."""
+    last = max(total_steps - 1, 1) / steps_per_epoch
+    return lr_at_epoch(cfg, base_lr, min(step / steps_per_epoch, last), last)
+
+
 def lr_schedule(cfg: OptimConfig, base_lr: float, epochs: float, steps_per_epoch: int) -> np.ndarray:
     """One learning rate per step for ``epochs × steps_per_epoch`` steps."""
     check_choice("optim.schedule", cfg.schedule, SCHEDULES)
     total = int(round(epochs * steps_per_epoch))
     return np.array([lr_at_step(cfg, base_lr, s, steps_per_epoch, epochs) for s in range(total)], dtype=np.float64)
+
+
+def weight_decay_at(cfg: OptimConfig, step: int, total_steps: int) -> float:
+    """``optim.weight_decay``, or its cosine to ``optim.weight_decay_end`` over the planned steps (DINO/Mugs)."""
+    if cfg.weight_decay_end is None:
+        return cfg.weight_decay
+    return cosine(cfg.weight_decay, cfg.weight_decay_end, step / max(total_steps - 1, 1))
+
+
+def momentum_at(base: float, progress: float, final: float = 1.0) -> float:
+    """BYOL/DINO teacher momentum: cosine from ``base`` at the start to ``final`` at the end of training."""
+    return cosine(base, final, progress)
+
+
+def warmup_then_constant(warmup_value: float, value: float, warmup_epochs: int, epoch: int) -> float:
+    """DINO/Mugs teacher temperature: ``np.linspace(warmup_value, value, W)[epoch]`` for the first W epochs,
+    then ``value``."""
+    if epoch < warmup_epochs:
+        return float(np.linspace(warmup_value, value, warmup_epochs)[epoch])
+    return value
 
 
 LR_SCALING = ("linear", "sqrt", "none")

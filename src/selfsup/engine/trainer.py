@@ -1,6 +1,6 @@
 """The one training loop. It knows devices, DDP, precision, schedules, logging and checkpoints, and
-nothing about any method: a method is driven through ``training_step`` / ``on_after_step`` /
-``on_epoch_start`` (see :mod:`selfsup.methods.base`).
+nothing about any method: a method is driven through ``training_step`` and its hooks (see
+:mod:`selfsup.methods.base`). Evaluation enters as a :class:`Callback` (``selfsup.eval.callback``).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -24,22 +24,33 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from selfsup.config import Config, ConfigError, check_choice, save_config
-from selfsup.data.batch_augment import batch_transform_from_config
 from selfsup.data.datasets import build_dataset
-from selfsup.data.loader import EpochSampler, ImageTensorDataset, ViewDataset
+from selfsup.data.loader import EpochSampler, MultiView, ViewDataset
+from selfsup.data.pipeline import TrainingViews, training_views
+from selfsup.data.recipes import ViewLayout
+from selfsup.data.transforms import transform_from_config
 from selfsup.engine.budget import TimeBudget, parse_duration
 from selfsup.engine.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
-from selfsup.engine.schedules import lr_at_epoch, lr_at_step, lr_scaling_in_effect, lr_scaling_rule, scaled_lr
-from selfsup.eval.features import check_pool_grid
-from selfsup.eval.protocols import evaluate_backbone, format_scores
-from selfsup.methods import DataInfo, Method, build_method
+from selfsup.engine.embedding import embed_shard
+from selfsup.engine.monitors import neighbour_purity
+from selfsup.engine.schedules import (
+    lr_at_planned_step,
+    lr_at_step,
+    lr_scaling_in_effect,
+    lr_scaling_rule,
+    scaled_lr,
+    weight_decay_at,
+)
+from selfsup.methods import Batch, Embedding, EmbedRequest, Method, ParamGroup, Progress, RunInfo, build_method
+from selfsup.models.backbones import backbone_factory
 from selfsup.nn import distributed
+from selfsup.nn.split_bn import apply_bn_splits, check_bn_splits
 
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2  # 2: methods hold their online/target pair as ``net`` and memory banks store dataset indices
 
 
 def resolve_device(name: str) -> torch.device:
@@ -66,6 +77,20 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def plan_run(cfg: Config, num_samples: int, num_classes: int | None) -> RunInfo:
+    """The :class:`RunInfo` of a run of ``cfg`` on a training set of that size (before any time-budget re-plan)."""
+    t = cfg.train
+    full, rest = divmod(num_samples, t.batch_size)
+    steps_per_epoch = full + (1 if rest and not t.drop_last else 0)
+    return RunInfo(num_samples=num_samples, num_classes=num_classes or None, global_batch=t.batch_size,
+                   steps_per_epoch=steps_per_epoch, total_steps=t.epochs * steps_per_epoch, seed=t.seed)
+
+
+def method_for(cfg: Config, num_samples: int, num_classes: int | None) -> Method:
+    """The method of ``cfg``, freshly built (seed the RNG first for the run's initial weights)."""
+    return build_method(cfg.method, backbone_factory(cfg.model), plan_run(cfg, num_samples, num_classes))
+
+
 class NonFiniteLossError(RuntimeError):
     pass
 
@@ -77,14 +102,60 @@ class Preempted(RuntimeError):
 PREEMPTION_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGUSR1") if hasattr(signal, name))
 
 
-class Trainer:
-    """Builds data, method and optimiser from a :class:`Config`; :meth:`fit` trains and evaluates."""
+class Callback:
+    """Hooks into a training run (evaluation, monitors, benchmarks). Every hook is optional."""
 
-    def __init__(self, cfg: Config, *, resume: str | Path | None = None):
+    def on_init(self, trainer: Trainer) -> None:
+        """The trainer is built, before any resume or step: check what would otherwise fail after training."""
+
+    def on_embedding(self, trainer: Trainer, embedding: Embedding) -> None:
+        """The method has just received an embedding of the training set (e.g. SeLa relabelled)."""
+
+    def on_epoch_end(self, trainer: Trainer, summary: dict[str, Any]) -> None:
+        """An epoch ended (rank 0 logs ``summary`` afterwards: add monitors to it)."""
+
+    def on_train_end(self, trainer: Trainer) -> dict[str, Any] | None:
+        """Training ended and the final checkpoint is written; the returned dict is merged into ``fit()``'s result."""
+        return None
+
+
+class Trainer:
+    """Builds data, method and optimiser from a :class:`Config`; :meth:`fit` trains (and runs the callbacks).
+
+    ``clock`` (seconds, monotonic) times the budget, the epochs and the checkpoint timer; tests inject one.
+    """
+
+    def __init__(self, cfg: Config, *, callbacks: Sequence[Callback] = (), resume: str | Path | None = None,
+                 clock: Callable[[], float] = time.monotonic):
         self.cfg = cfg
-        t = cfg.train
+        self.callbacks = list(callbacks)
+        self.clock = clock
+        self.step_callbacks: list[Callable[[Trainer], None]] = []  # called after every step (benchmarks)
+        self.preemption_signals = PREEMPTION_SIGNALS  # a launcher may add its own (submitit's USR2)
+        self._setup_process()
+        self._build_data()
+        self._build_method()
+        self._build_model()
+        self.epoch = 0
+        self.step = 0  # optimiser steps done
+        self.step_in_epoch = 0
+        self._saved_at = (-1, -1)
+        self.run_dir = self._run_dir()
+        self.checkpoint_path = self.run_dir / CHECKPOINT_NAME
+        for callback in self.callbacks:
+            callback.on_init(self)
+        resume = resume or cfg.train.resume
+        if resume == "auto":
+            resume = self.checkpoint_path if self.checkpoint_path.is_file() else None
+        if resume:
+            self.load(resume)
+
+    # ------------------------------------------------------------------ construction
+
+    def _setup_process(self) -> None:
+        t = self.cfg.train
         check_choice("train.precision", t.precision, ("auto", "bf16", "fp32"))
-        check_choice("optim.name", cfg.optim.name, ("sgd", "adamw"))
+        check_choice("optim.name", self.cfg.optim.name, ("sgd", "adamw"))
         device = resolve_device(t.device)
         self.dist = distributed.init_distributed(device.type)
         if device.type == "cuda" and self.dist.world_size > 1:
@@ -101,81 +172,76 @@ class Trainer:
             raise ConfigError(f"train.sync_bn=true needs CUDA: torch's SyncBatchNorm has no {device.type} path; keep "
                               "per-process BatchNorm there (MoCo/BYOL/ISD/MSF: method.shuffle_bn=true, the default)")
 
-        # data
+    def _build_data(self) -> None:
+        cfg = self.cfg
         self.train_set = build_dataset(cfg.data, cfg.data.train_split)
-        seed_everything(t.seed)  # the same initial weights (and random-init baseline) on every start
-        self.method: Method = build_method(cfg, DataInfo(len(self.train_set), self.train_set.num_classes))
-        self.initial_backbone = copy.deepcopy(self.method.backbone.state_dict())
-        check_pool_grid(self.method.backbone, cfg.eval.pool_grid)  # now, not after a day of training
-        self.sampler = EpochSampler(len(self.train_set), self.batch_per_rank, seed=t.seed, rank=self.dist.rank,
-                                    world_size=self.dist.world_size, drop_last=t.drop_last)
+        targets = torch.as_tensor(np.asarray(self.train_set.targets), dtype=torch.long)
+        # labels stay with the engine, for monitors only; None for an unlabelled training set
+        self.targets = targets.to(self.device) if bool((targets >= 0).any()) else None
+        self.sampler = self._sampler(seed=cfg.train.seed, drop_last=cfg.train.drop_last)
         check_choice("data.augment", cfg.data.augment, ("per_sample", "batch"))
-        self.batch_views: list[torch.nn.Module] = []
-        if cfg.data.augment == "batch":
-            if type(self.method).build_views is not Method.build_views:
-                raise ConfigError(f"method {cfg.method.name!r} builds its own multi-crop views, which only "
-                                  "data.augment=per_sample supports")
-            self.batch_views = [batch_transform_from_config(cfg.data, name).to(device) for name in self.method.views]
-            dataset: torch.utils.data.Dataset = ImageTensorDataset(self.train_set)
-        else:
-            dataset = ViewDataset(self.train_set, self.method.build_views(cfg.data))
-        self.loader = DataLoader(
-            dataset, batch_size=self.batch_per_rank, sampler=self.sampler,
-            num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda",
-            persistent_workers=cfg.data.num_workers > 0, drop_last=False,
-            # its own generator: starting an epoch's iterator must not draw from the global RNG, which the
-            # model's own randomness (dropout, drop-path) uses and a resume restores
-            generator=torch.Generator().manual_seed(t.seed),
-        )
         self.steps_per_epoch = self.sampler.batches_per_epoch
-        self.total_steps = t.epochs * self.steps_per_epoch  # with a time budget: re-planned as training runs
-        self.budget_seconds = parse_duration(t.time_budget) if t.time_budget else None
+        self.total_steps = cfg.train.epochs * self.steps_per_epoch  # with a time budget: re-planned as training runs
+        self.budget_seconds = parse_duration(cfg.train.time_budget) if cfg.train.time_budget else None
         self.budget: TimeBudget | None = None  # the clock starts in fit()
         self._seconds_done = 0.0  # training time of the run before a resume
 
-        # model, precision, optimiser, schedule
-        self.channels_last = t.channels_last if t.channels_last is not None else device.type == "cuda"
-        self.method.to(device)
+    def _sampler(self, *, seed: int, drop_last: bool, shuffle: bool = True) -> EpochSampler:
+        return EpochSampler(len(self.train_set), self.batch_per_rank, seed=seed, rank=self.dist.rank,
+                            world_size=self.dist.world_size, drop_last=drop_last, shuffle=shuffle)
+
+    def _loader(self, dataset: Dataset, sampler: EpochSampler, seed: int) -> DataLoader:
+        return DataLoader(
+            dataset, batch_size=self.batch_per_rank, sampler=sampler, num_workers=self.cfg.data.num_workers,
+            pin_memory=self.device.type == "cuda", persistent_workers=self.cfg.data.num_workers > 0, drop_last=False,
+            # its own generator: starting an epoch's iterator must not draw from the global RNG, which the
+            # model's own randomness (dropout, drop-path) uses and a resume restores
+            generator=torch.Generator().manual_seed(seed),
+        )
+
+    def _build_method(self) -> None:
+        cfg = self.cfg
+        seed_everything(cfg.train.seed)  # the same initial weights (and random-init baseline) on every start
+        self.method: Method = method_for(cfg, len(self.train_set), self.train_set.num_classes)
+        self.initial_backbone = copy.deepcopy(self.method.backbone.state_dict())
+        self.pipeline = training_views(self.method.views, cfg.data, self.train_set).to(self.device)
+        self.dataset: Dataset = self.pipeline.dataset
+        self.loader = self._loader(self.dataset, self.sampler, cfg.train.seed)
+
+    def _build_model(self) -> None:
+        t = self.cfg.train
+        self.channels_last = t.channels_last if t.channels_last is not None else self.device.type == "cuda"
+        splits = self.cfg.model.bn_splits
+        try:
+            check_bn_splits(splits, t.batch_size, self.dist.world_size, t.sync_bn)
+            apply_bn_splits(self.method, splits)  # per-"GPU" statistics in every BatchNorm of the method
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
+        self.method.to(self.device)
         if t.sync_bn and self.dist.world_size > 1:  # before DDP wraps it; one process has nothing to synchronise
             self.method = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.method)
         if self.channels_last:
             self.method.to(memory_format=torch.channels_last)
-        use_bf16 = t.precision == "bf16" or (t.precision == "auto" and device.type == "cuda")
-        self.autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_bf16 else nullcontext
-        self.optimizer = self._optimizer()
-        self.base_lr = scaled_lr(cfg.optim, t.batch_size)
+        use_bf16 = t.precision == "bf16" or (t.precision == "auto" and self.device.type == "cuda")
+        self.autocast = (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)) if use_bf16 else nullcontext
+        self.param_groups = self.method.parameter_groups()
+        self.optimizer = self._optimizer(self.param_groups)
+        self.base_lr = scaled_lr(self.cfg.optim, t.batch_size)
         self.model: torch.nn.Module = self.method
         if self.dist.world_size > 1:
             self.model = DistributedDataParallel(
-                self.method, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False
-            )
+                self.method, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                broadcast_buffers=False)
         if t.compile:
             self.model = torch.compile(self.model)
 
-        self.epoch = 0
-        self.step = 0  # optimiser steps done
-        self.step_in_epoch = 0
-        self._saved_at = (-1, -1)
-        self.step_callbacks: list[Callable[[Trainer], None]] = []  # called after every step (benchmarks)
-        self.preemption_signals = PREEMPTION_SIGNALS  # a launcher may add its own (submitit's USR2)
-        self.run_dir = self._run_dir()
-        self.checkpoint_path = self.run_dir / CHECKPOINT_NAME
-        resume = resume or t.resume
-        if resume == "auto":
-            resume = self.checkpoint_path if self.checkpoint_path.is_file() else None
-        if resume:
-            self.load(resume)
-
-    # ------------------------------------------------------------------ construction helpers
-
-    def _optimizer(self) -> torch.optim.Optimizer:
+    def _optimizer(self, groups: list[ParamGroup]) -> torch.optim.Optimizer:
         o = self.cfg.optim
-        groups = self.method.parameter_groups()
+        params = [{"params": g.params, "weight_decay": o.weight_decay if g.weight_decay else 0.0} for g in groups]
         fused = {"fused": True} if self.device.type == "cuda" else {}
         if o.name == "sgd":
-            return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay,
-                                   nesterov=o.nesterov, **fused)
-        return torch.optim.AdamW(groups, lr=o.lr, weight_decay=o.weight_decay, **fused)
+            return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov, **fused)
+        return torch.optim.AdamW(params, lr=o.lr, **fused)
 
     def _run_dir(self) -> Path:
         t = self.cfg.train
@@ -244,69 +310,118 @@ class Trainer:
         if self.is_main:
             print(f"resumed from {path} at epoch {self.epoch}, step {self.step}", flush=True)
 
-    # ------------------------------------------------------------------ the loop
+    # ------------------------------------------------------------------ one step
 
     def log(self, record: dict[str, Any]) -> None:
         if self.is_main:
             with open(self.run_dir / "metrics.jsonl", "a") as handle:
                 handle.write(json.dumps(record) + "\n")
 
-    def _to_device(self, views: list[torch.Tensor]) -> list[torch.Tensor]:
-        def move(view: torch.Tensor) -> torch.Tensor:  # images (4-d) in the model's layout; flags as they are
-            layout = torch.channels_last if self.channels_last and view.dim() == 4 else torch.preserve_format
-            return view.to(self.device, non_blocking=True, memory_format=layout)
-
-        return [move(v) for v in views]
+    @property
+    def progress(self) -> Progress:
+        return Progress(self.step, self.total_steps, self.steps_per_epoch)
 
     def current_lr(self) -> float:
         if self.budget is None:
             return lr_at_step(self.cfg.optim, self.base_lr, self.step, self.steps_per_epoch, self.cfg.train.epochs)
-        # planned over the budget, per step, reaching the schedule's final value on the last planned step
-        last = max(self.total_steps - 1, 1) / self.steps_per_epoch
-        return lr_at_epoch(self.cfg.optim, self.base_lr, min(self.step / self.steps_per_epoch, last), last)
+        return lr_at_planned_step(self.cfg.optim, self.base_lr, self.step, self.steps_per_epoch, self.total_steps)
 
     def current_weight_decay(self) -> float:
-        """``optim.weight_decay``, or its cosine to ``optim.weight_decay_end`` over training (DINO/Mugs)."""
-        o = self.cfg.optim
-        if o.weight_decay_end is None:
-            return o.weight_decay
-        progress = min(self.step / max(self.total_steps - 1, 1), 1.0)
-        return o.weight_decay_end + (o.weight_decay - o.weight_decay_end) * 0.5 * (1 + math.cos(math.pi * progress))
+        return weight_decay_at(self.cfg.optim, self.step, self.total_steps)
 
-    def _augment_on_device(self, images: torch.Tensor) -> list[torch.Tensor]:
-        """``data.augment=batch``: every view of the whole batch in a few tensor ops on the training device,
+    def _to_device(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (4-d) in the model's memory layout; a non-blocking copy does not wait for the GPU."""
+        layout = torch.channels_last if self.channels_last and images.dim() == 4 else torch.preserve_format
+        return images.to(self.device, non_blocking=True, memory_format=layout)
+
+    def _augment_on_device(self, views: Any, choices: dict | None = None) -> list[torch.Tensor]:
+        """``data.augment=batch``: the device step of the data route (every op, or stage 2) for the whole batch,
         with a generator seeded by (run seed, rank, step) so a resumed run draws the same views."""
-        if images.dim() != 4:
-            raise ConfigError("data.augment=batch needs images of one size (in-memory data sets such as digits, "
-                              "fashion-mnist, cifar, stl10); use data.augment=per_sample")
-        images = images.to(self.device, non_blocking=True)
         generator = torch.Generator(device=self.device)
         generator.manual_seed((self.cfg.train.seed * 1_000_003 + self.dist.rank) * 1_000_000_007 + self.step)
-        return [augment(images, generator) for augment in self.batch_views]
+        return self._complete(self.pipeline, views, choices or {}, generator)
 
-    def train_step(self, views: list[torch.Tensor], indices: torch.Tensor, labels: torch.Tensor):
-        lr = self.current_lr()
-        weight_decay = self.current_weight_decay()
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr * group.get("lr_scale", 1.0)
-            if group.get("weight_decay", 0.0) > 0 or group.get("scheduled_decay", False):
-                group["weight_decay"] = weight_decay  # groups a method exempts (weight_decay 0) stay at 0
-                group["scheduled_decay"] = True
-        if self.batch_views:
-            views = self._augment_on_device(views)
+    def _complete(self, pipeline: TrainingViews, views: Any, choices: dict, generator: torch.Generator
+                  ) -> list[torch.Tensor]:
+        """The views of a loader batch on the device: moved there, and finished by the route's device step."""
+        if isinstance(views, torch.Tensor):
+            views = views.to(self.device, non_blocking=True)
+        else:
+            views = [view.to(self.device, non_blocking=True) for view in views]
+        return pipeline.device_step(views, choices, generator) if pipeline.device_step is not None else views
+
+    def to_batch(self, sample: tuple) -> Batch:
+        """A loader sample ``(views, choices, indices, labels)`` as the method's :class:`Batch` on the device (the
+        labels stay behind: the engine reads them from the data set for its monitors)."""
+        views, choices, indices, _ = sample
+        if self.pipeline.device_step is not None:
+            views = self._augment_on_device(views, choices)
+        return Batch([self._to_device(v) for v in views], indices.to(self.device, non_blocking=True),
+                     {name: value.to(self.device, non_blocking=True) for name, value in choices.items()})
+
+    def _apply_schedules(self) -> float:
+        lr, weight_decay = self.current_lr(), self.current_weight_decay()
+        for options, group in zip(self.param_groups, self.optimizer.param_groups, strict=True):
+            group["lr"] = lr * options.lr_scale
+            group["weight_decay"] = weight_decay if options.weight_decay else 0.0
+        return lr
+
+    def train_step(self, batch: Batch) -> tuple[Any, float]:
+        self._embed_if_requested()
+        self.method.on_step_start(self.progress)
+        lr = self._apply_schedules()
         with self.autocast():
-            out = self.model(self._to_device(views), indices.to(self.device, non_blocking=True),
-                             labels.to(self.device, non_blocking=True))  # a blocking copy would wait for the GPU
+            out = self.model(batch)
+        if out.neighbours is not None and self.targets is not None:
+            out.logs["purity"] = neighbour_purity(out.neighbours, batch.indices, self.targets)
         self.optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
-        self.method.on_before_optimizer_step()
+        self.method.on_before_optimizer_step(self.progress)
         self.optimizer.step()
         self.step += 1
         self.step_in_epoch += 1
         if self.budget is not None:
             self.total_steps = self.budget.plan(self.step, self.total_steps)
-        self.method.on_after_step(min(self.step / max(self.total_steps, 1), 1.0))
+        self.method.on_after_step(self.progress)
+        self._log_reports()
         return out, lr
+
+    # ------------------------------------------------------------------ the embedding service
+
+    def _embed_if_requested(self) -> None:
+        request = self.method.embedding_request(self.progress)
+        if request is None:
+            return
+        embedding = self.embed(request)
+        self.method.on_embedding(embedding)
+        self._log_reports()
+        for callback in self.callbacks:
+            callback.on_embedding(self, embedding)
+
+    def embed(self, request: EmbedRequest) -> Embedding:
+        """This process's shard of the training set, embedded as ``request`` asks (the training views are drawn
+        from ``request.seed``: the same on every start; under ``data.augment=batch`` on the device)."""
+        sampler = self._sampler(seed=request.seed, drop_last=False, shuffle=request.shuffle)
+        if request.transform == "eval":
+            eval_views = ViewDataset(self.train_set, MultiView([transform_from_config(self.cfg.data, "eval")]))
+            pipeline = TrainingViews(eval_views, None, "per_sample")
+        else:  # the method's first view, by the run's route
+            first = ViewLayout(self.method.views.slots[:1])
+            pipeline = training_views(first, self.cfg.data, self.train_set).to(self.device)
+
+        def prepare(sample: tuple, generator: torch.Generator) -> torch.Tensor:
+            return self._to_device(self._complete(pipeline, sample[0], sample[1], generator)[0])
+
+        loader = self._loader(pipeline.dataset, sampler, request.seed)
+        return embed_shard(request, loader, len(sampler), prepare, self.device)
+
+    def _log_reports(self) -> None:
+        for record in self.method.take_reports():
+            self.log({"step": self.step, **record})
+            if self.is_main:
+                tqdm.write(f"{self.cfg.method.name}: " + " ".join(f"{k}={v}" for k, v in record.items()))
+
+    # ------------------------------------------------------------------ the loop
 
     def _check_finite(self, loss: torch.Tensor) -> None:
         if not torch.isfinite(loss).all():
@@ -315,15 +430,20 @@ class Trainer:
                 f"checkpoint is kept at {self.checkpoint_path}. Lower optim.lr or check the data."
             )
 
-    def fit(self) -> dict[str, float]:
-        """Train to the end (or the time budget), then evaluate. A pre-emption signal saves and raises
-        :class:`Preempted`; the same command with ``train.resume=auto`` (or ``--resume RUN``) continues."""
+    def fit(self) -> dict[str, Any]:
+        """Train to the end (or the time budget), then run the callbacks' ends (evaluation). A pre-emption signal
+        saves and raises :class:`Preempted`; the same command with ``train.resume=auto`` (or ``--resume RUN``)
+        continues."""
         previous = self._catch_preemption()
         try:
-            return self._fit()
+            self._train()
         finally:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
+        results: dict[str, Any] = {}
+        for callback in self.callbacks:
+            results.update(callback.on_train_end(self) or {})
+        return results
 
     def _catch_preemption(self) -> dict:
         self._signal: int | None = None
@@ -339,7 +459,7 @@ class Trainer:
         flag = torch.tensor(float(self._signal is not None), device=self.device)
         return bool(distributed.all_reduce_mean(flag) > 0)  # every rank stops at the same step
 
-    def _fit(self) -> dict[str, float]:
+    def _train(self) -> None:
         t = self.cfg.train
         if self.is_main:
             print(f"run folder: {self.run_dir}\n{self._summary()}\n{format_config(self.cfg)}", flush=True)
@@ -347,106 +467,104 @@ class Trainer:
         self.log({"lr_scaling": lr_scaling_in_effect(o), "optim_lr": o.lr,
                   "reference_batch_size": o.reference_batch_size, "batch_size": t.batch_size, "base_lr": self.base_lr})
         if self.budget_seconds is not None:
-            self.budget = TimeBudget(self.budget_seconds, elapsed=self._seconds_done)
-        last_save = time.monotonic()
-        stop = False
-        while (self.budget_seconds is not None or self.epoch < t.epochs) and not stop:
-            self.method.train()
-            self.method.on_epoch_start(self.epoch, self.loader)
-            self.sampler.set_epoch(self.epoch, self.step_in_epoch)
-            epoch_start, seen, loss_sum = time.monotonic(), 0, torch.zeros((), device=self.device)
-            log_sums: dict[str, torch.Tensor] = {}
-            bar = tqdm(self.loader, total=self.steps_per_epoch, initial=self.step_in_epoch,
-                       desc=f"epoch {self.epoch + 1}/{self.planned_epochs}", leave=False, dynamic_ncols=True,
-                       disable=not (t.progress_bar and self.is_main), file=sys.stdout)
-            for views, indices, labels in bar:
-                out, lr = self.train_step(views, indices, labels)
-                seen += indices.shape[0] * self.dist.world_size
-                loss_sum += out.loss.detach().float()
-                for key, value in out.logs.items():  # summed on the device: no host sync per step
-                    log_sums[key] = log_sums.get(key, 0.0) + value.detach().float()
-                if self.step % t.log_every_steps == 0 or self.device.type == "cpu":
-                    self._check_finite(out.loss.detach())
-                if self.step % t.log_every_steps == 0:
-                    record = {"step": self.step, "epoch": self.step / self.steps_per_epoch,
-                              "loss": distributed.all_reduce_mean(out.loss.detach()).item(), "lr": lr}
-                    record.update({k: float(v) for k, v in out.logs.items()})
-                    self.log(record)
-                    bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.3g}")
-                for callback in self.step_callbacks:
-                    callback(self)
-                if (t.max_steps is not None and self.step >= t.max_steps) or (
-                        self.budget is not None and self.step >= self.total_steps):
-                    stop = True
-                    break
-                if (self.device.type == "cpu" or self.step % t.log_every_steps == 0) and self._preempted():
-                    self.save()
-                    message = (f"stopped by signal {self._signal} at step {self.step}; checkpoint saved in "
-                               f"{self.run_dir}. Resume with: selfsup train --resume {self.run_dir}")
-                    self.log({"preempted_at_step": self.step})
-                    if self.is_main:
-                        print(message, file=sys.stderr, flush=True)
-                    raise Preempted(message)
-                if time.monotonic() - last_save > t.checkpoint_every_minutes * 60:
-                    self.save()
-                    last_save = time.monotonic()
-            bar.close()
-            if stop and self.step_in_epoch < self.steps_per_epoch:
-                break  # mid-epoch stop: the checkpoint below resumes inside this epoch (a budget run is done)
-            self.epoch += 1
-            self.step_in_epoch = 0
-            elapsed = time.monotonic() - epoch_start
-            summary = {"epoch_end": self.epoch, "seconds": round(elapsed, 2),
-                       "images_per_s": round(seen / max(elapsed, 1e-9), 1)}
-            steps_done = self.steps_per_epoch - self.sampler.start_batch
-            summary["loss_mean"] = float(distributed.all_reduce_mean(loss_sum)) / max(steps_done, 1)
-            for key, total in log_sums.items():  # epoch means of what the method logs (e.g. purity)
-                summary[f"{key}_mean"] = float(distributed.all_reduce_mean(total)) / max(steps_done, 1)
-            if self.train_set.skipped:
-                summary["skipped_images"] = self.train_set.skipped
-            monitor = self.cfg.eval.monitor_every_epochs
-            if monitor and self.epoch % monitor == 0 and self.is_main:
-                summary.update(self.evaluate(["knn"], random_init=False, quiet=True)["trained"])
-            self.log(summary)
-            if self.is_main:
-                scores = " ".join(f"{k}={v:.4g}" for k, v in summary.items() if k != "epoch_end")
-                print(f"epoch {self.epoch}/{self.planned_epochs}: {scores}", flush=True)
-            if self.epoch % t.checkpoint_every_epochs == 0 or self.epoch == self.planned_epochs:
-                self.save()
-                last_save = time.monotonic()
+            self.budget = TimeBudget(self.budget_seconds, elapsed=self._seconds_done, clock=self.clock)
+        self._last_save = self.clock()
+        while self.budget_seconds is not None or self.epoch < t.epochs:
+            if self._run_epoch():
+                break
         self.save()
         if self.budget is not None:
             self.log({"budget_seconds": self.budget.seconds, "train_seconds": round(self.budget.elapsed(), 2),
                       "steps": self.step})
-        results: dict[str, Any] = {}
-        if self.cfg.eval.at_end and self.cfg.eval.protocols and self.is_main:
-            results = self.evaluate(self.cfg.eval.protocols, random_init=self.cfg.eval.compare_random_init)
-            with open(self.run_dir / "eval.json", "w") as handle:
-                json.dump(results, handle, indent=2)
-            print(format_scores(results), flush=True)
-            print(f"run folder: {self.run_dir}", flush=True)
-        return results
+
+    def _run_epoch(self) -> bool:
+        """One epoch (or what is left of it after a resume); True when training is over (steps, budget)."""
+        t = self.cfg.train
+        self.method.train()
+        self.sampler.set_epoch(self.epoch, self.step_in_epoch)
+        started, seen, loss_sum = self.clock(), 0, torch.zeros((), device=self.device)
+        log_sums: dict[str, torch.Tensor] = {}
+        bar = tqdm(self.loader, total=self.steps_per_epoch, initial=self.step_in_epoch,
+                   desc=f"epoch {self.epoch + 1}/{self.planned_epochs}", leave=False, dynamic_ncols=True,
+                   disable=not (t.progress_bar and self.is_main), file=sys.stdout)
+        stop = False
+        for sample in bar:
+            out, lr = self.train_step(self.to_batch(sample))
+            seen += sample[2].shape[0] * self.dist.world_size
+            loss_sum += out.loss.detach().float()
+            for key, value in out.logs.items():  # summed on the device: no host sync per step
+                log_sums[key] = log_sums.get(key, 0.0) + value.detach().float()
+            if self.step % t.log_every_steps == 0 or self.device.type == "cpu":
+                self._check_finite(out.loss.detach())
+            if self.step % t.log_every_steps == 0:
+                record = {"step": self.step, "epoch": self.step / self.steps_per_epoch,
+                          "loss": distributed.all_reduce_mean(out.loss.detach()).item(), "lr": lr}
+                record.update({k: float(v) for k, v in out.logs.items()})
+                self.log(record)
+                bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.3g}")
+            for callback in self.step_callbacks:
+                callback(self)
+            if (t.max_steps is not None and self.step >= t.max_steps) or (
+                    self.budget is not None and self.step >= self.total_steps):
+                stop = True
+                break
+            if (self.device.type == "cpu" or self.step % t.log_every_steps == 0) and self._preempted():
+                self._stop_for_signal()
+            if self.clock() - self._last_save > t.checkpoint_every_minutes * 60:
+                self.save()
+                self._last_save = self.clock()
+        bar.close()
+        if stop and self.step_in_epoch < self.steps_per_epoch:
+            return True  # mid-epoch stop: the final checkpoint resumes inside this epoch (a budget run is done)
+        self._end_epoch(self.clock() - started, seen, loss_sum, log_sums)
+        return stop
+
+    def _stop_for_signal(self) -> None:
+        self.save()
+        message = (f"stopped by signal {self._signal} at step {self.step}; checkpoint saved in "
+                   f"{self.run_dir}. Resume with: selfsup train --resume {self.run_dir}")
+        self.log({"preempted_at_step": self.step})
+        if self.is_main:
+            print(message, file=sys.stderr, flush=True)
+        raise Preempted(message)
+
+    def _end_epoch(self, elapsed: float, seen: int, loss_sum: torch.Tensor, log_sums: dict[str, torch.Tensor]) -> None:
+        steps_done = self.steps_per_epoch - self.sampler.start_batch
+        self.epoch += 1
+        self.step_in_epoch = 0
+        summary: dict[str, Any] = {"epoch_end": self.epoch, "seconds": round(elapsed, 2),
+                                   "images_per_s": round(seen / max(elapsed, 1e-9), 1)}
+        summary["loss_mean"] = float(distributed.all_reduce_mean(loss_sum)) / max(steps_done, 1)
+        for key, total in log_sums.items():  # epoch means of what the method logs (e.g. purity)
+            summary[f"{key}_mean"] = float(distributed.all_reduce_mean(total)) / max(steps_done, 1)
+        if self.train_set.skipped:
+            summary["skipped_images"] = self.train_set.skipped
+        for callback in self.callbacks:
+            callback.on_epoch_end(self, summary)
+        self.log(summary)
+        if self.is_main:
+            scores = " ".join(f"{k}={v:.4g}" for k, v in summary.items() if k != "epoch_end")
+            print(f"epoch {self.epoch}/{self.planned_epochs}: {scores}", flush=True)
+        if self.epoch % self.cfg.train.checkpoint_every_epochs == 0 or self.epoch == self.planned_epochs:
+            self.save()
+            self._last_save = self.clock()
 
     @property
     def planned_epochs(self) -> int:
         return math.ceil(self.total_steps / self.steps_per_epoch)
 
-    def evaluate(self, protocols: list[str], *, random_init: bool, quiet: bool = False) -> dict[str, dict]:
-        """Scores of the trained backbone (and of the same backbone at its initial weights)."""
-        results = {"trained": evaluate_backbone(self.method.backbone, self.cfg, self.device, protocols,
-                                                progress=not quiet and self.cfg.train.progress_bar)}
-        if random_init:
-            initial = copy.deepcopy(self.method.backbone)
-            initial.load_state_dict(self.initial_backbone)
-            results["random_init"] = evaluate_backbone(initial, self.cfg, self.device, protocols,
-                                                       progress=not quiet and self.cfg.train.progress_bar)
-        return results
+    def initial_backbone_copy(self) -> torch.nn.Module:
+        """The backbone at its initial (seeded, random) weights: the random-init baseline of every evaluation."""
+        initial = copy.deepcopy(self.method.backbone)
+        initial.load_state_dict(self.initial_backbone)
+        return initial
 
     def _summary(self) -> str:
         c = self.cfg
         params = sum(p.numel() for p in self.method.backbone.parameters())
         return (f"{c.method.name} | {c.model.backbone} ({params / 1e6:.2f}M params) | {c.data.name}: "
-                f"{len(self.train_set)} images at {c.data.image_size}px, views {list(self.method.views)} | "
+                f"{len(self.train_set)} images at {c.data.image_size}px, views {self.method.views.describe()} "
+                f"({self.pipeline.route}) | "
                 f"batch {c.train.batch_size} on {self.dist.world_size} process(es), {self.device} | "
                 f"{self._length()} | {lr_scaling_rule(c.optim, c.train.batch_size)}, {c.optim.schedule}")
 
@@ -461,15 +579,8 @@ def format_config(cfg: Config) -> str:
     def show(value: Any) -> str:
         return ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
 
-    return "\n".join(f"  {section}: " + " ".join(f"{k}={show(v)}" for k, v in values.items())
-                     for section, values in cfg.to_dict().items())
+    def line(values: Any) -> str:
+        return " ".join(f"{k}={show(v)}" for k, v in values.items()) if isinstance(values, dict) else show(values)
 
-
-def train(cfg: Config, resume: str | Path | None = None) -> dict[str, Any]:
-    """Train (and evaluate) one run; the process group is torn down afterwards."""
-    try:
-        trainer = Trainer(cfg, resume=resume)
-        return trainer.fit()
-    finally:
-        distributed.shutdown()
+    return "\n".join(f"  {section}: {line(values)}" for section, values in cfg.to_dict().items())
 

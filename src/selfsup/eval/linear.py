@@ -217,6 +217,82 @@ def _features(backbone: nn.Module, images: torch.Tensor) -> torch.Tensor:
         return backbone(images).flatten(1).float()
 
 
+@dataclass(frozen=True)
+class _StandardPlan:
+    recipe: LinearRecipe
+    lr: float
+    epochs: int
+    milestones: list[int]  # the recipe's, scaled to ``epochs``
+    batch_size: int
+
+
+def _standard_plan(recipe: str, epochs: int | None, lr: float | None, batch_size: int | None) -> _StandardPlan:
+    check_choice("eval.linear_recipe", recipe, RECIPES)
+    r = RECIPES[recipe]
+    epochs = r.epochs if epochs is None else epochs
+    if epochs < 1:
+        raise ConfigError(f"eval.linear_epochs must be at least 1, got {epochs}")
+    milestones = [round(m * epochs / r.epochs) for m in r.milestones]
+    return _StandardPlan(r, r.lr if lr is None else lr, epochs, milestones, batch_size or r.batch_size)
+
+
+def _standard_head(backbone: nn.Module, plan: _StandardPlan, train_set: Any, eval_tf: Any, num_classes: int,
+                   workers: int, device: torch.device) -> nn.Module:
+    """The Linear layer on the backbone's feature size (the recipe's init), behind UMBC standardisation (statistics
+    of the eval-transform training features) when the recipe asks for it; on ``device``."""
+    dim = _features(backbone, eval_tf(train_set[0][0]).unsqueeze(0).to(device)).shape[1]
+    linear = nn.Linear(dim, num_classes)
+    if plan.recipe.init_std is not None:
+        nn.init.normal_(linear.weight, std=plan.recipe.init_std)
+        nn.init.zeros_(linear.bias)
+    head: nn.Module = linear
+    if plan.recipe.standardize:
+        stats_loader = DataLoader(EvalDataset(train_set, eval_tf), batch_size=plan.batch_size, num_workers=workers)
+        train_x, _ = extract_features(backbone, stats_loader, device, keep_on_device=True)
+        head = nn.Sequential(Standardize.fit(train_x), linear)
+    return head.to(device)
+
+
+def _train_head(head: nn.Module, backbone: nn.Module, loader: DataLoader, plan: _StandardPlan, device: torch.device,
+                progress: str | None) -> float:
+    """SGD on the head through the frozen backbone with the step schedule; returns the last epoch's mean loss.
+    ``progress``: a tqdm description, or None for no bar."""
+    r = plan.recipe
+    optimizer = torch.optim.SGD(head.parameters(), lr=plan.lr, momentum=r.momentum, weight_decay=r.weight_decay)
+    epoch_iter: Any = range(plan.epochs)
+    if progress:
+        from tqdm import tqdm
+
+        epoch_iter = tqdm(epoch_iter, desc=progress, leave=False)
+    loss_sum, steps = torch.zeros((), device=device), 0
+    for epoch in epoch_iter:
+        for group in optimizer.param_groups:
+            group["lr"] = plan.lr * 0.1 ** sum(epoch >= m for m in plan.milestones)
+        head.train()
+        loss_sum, steps = torch.zeros((), device=device), 0  # summed on the device: no sync per step
+        for images, labels in loader:
+            loss = F.cross_entropy(head(_features(backbone, images.to(device))), labels.to(device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss_sum, steps = loss_sum + loss.detach(), steps + 1
+    return loss_sum.item() / max(steps, 1)
+
+
+def _score_head(head: nn.Module, backbone: nn.Module, loader: DataLoader, ten_crop: bool, num_classes: int,
+                device: torch.device) -> list[float]:
+    """Top-1 / top-5 (%) of the head on ``loader``; 10-crop batches (B, 10, C, H, W) score the mean of the logits."""
+    head.eval()
+    logits, labels_all = [], []
+    for images, labels in loader:
+        crops = images.shape[1] if ten_crop else 1
+        with torch.no_grad():
+            out = head(_features(backbone, images.to(device).flatten(0, 1) if ten_crop else images.to(device)))
+        logits.append(out.view(-1, crops, num_classes).mean(1).cpu())
+        labels_all.append(labels)
+    return topk_accuracy(torch.cat(logits), torch.cat(labels_all))
+
+
 def linear_probe_standard(backbone: nn.Module, cfg: Config, device: torch.device | str, *, recipe: str = "moco",
                           epochs: int | None = None, ten_crop: bool = False, batch_size: int | None = None,
                           lr: float | None = None, progress: bool = False) -> LinearResult:
@@ -226,66 +302,22 @@ def linear_probe_standard(backbone: nn.Module, cfg: Config, device: torch.device
     values. Data, image size and normalisation come from ``cfg.data``; randomness from ``cfg.train.seed``
     (the caller's RNG is left as it was).
     """
-    check_choice("eval.linear_recipe", recipe, RECIPES)
-    r = RECIPES[recipe]
-    base_lr = r.lr if lr is None else lr
-    epochs = r.epochs if epochs is None else epochs
-    if epochs < 1:
-        raise ConfigError(f"eval.linear_epochs must be at least 1, got {epochs}")
-    milestones = [round(m * epochs / r.epochs) for m in r.milestones]
-    batch_size = batch_size or r.batch_size
+    plan = _standard_plan(recipe, epochs, lr, batch_size)
     device = torch.device(device)
-    data = cfg.data
+    data, workers = cfg.data, cfg.data.num_workers
     train_set, val_set = build_dataset(data, data.train_split), build_dataset(data, data.val_split)
-    num_classes = train_set.num_classes
-    augment = build_transform("weak", data.image_size, mean=data.mean, std=data.std, scale=r.crop_scale,
+    augment = build_transform("weak", data.image_size, mean=data.mean, std=data.std, scale=plan.recipe.crop_scale,
                               flip=data.flip)  # RandomResizedCrop (+ flip) → tensor
     eval_tf = transform_from_config(data, "eval")
     val_tf = ten_crop_transform(data.image_size, data.eval_crop_ratio, data.mean, data.std) if ten_crop else eval_tf
-    workers = data.num_workers
-
     with torch.random.fork_rng(devices=[]), _eval_on(backbone, device):
         torch.manual_seed(cfg.train.seed)
-        dim = _features(backbone, eval_tf(train_set[0][0]).unsqueeze(0).to(device)).shape[1]
-        linear = nn.Linear(dim, num_classes)
-        if r.init_std is not None:
-            nn.init.normal_(linear.weight, std=r.init_std)
-            nn.init.zeros_(linear.bias)
-        head: nn.Module = linear
-        if r.standardize:  # statistics of the eval-transform training features
-            stats_loader = DataLoader(EvalDataset(train_set, eval_tf), batch_size=batch_size, num_workers=workers)
-            train_x, _ = extract_features(backbone, stats_loader, device, keep_on_device=True)
-            head = nn.Sequential(Standardize.fit(train_x), linear)
-        head.to(device)
-        optimizer = torch.optim.SGD(head.parameters(), lr=base_lr, momentum=r.momentum, weight_decay=r.weight_decay)
-        loader = DataLoader(EvalDataset(train_set, augment), batch_size=batch_size, shuffle=True,
+        head = _standard_head(backbone, plan, train_set, eval_tf, train_set.num_classes, workers, device)
+        loader = DataLoader(EvalDataset(train_set, augment), batch_size=plan.batch_size, shuffle=True,
                             num_workers=workers, generator=torch.Generator().manual_seed(cfg.train.seed))
-        epoch_iter: Any = range(epochs)
-        if progress:
-            from tqdm import tqdm
-
-            epoch_iter = tqdm(epoch_iter, desc=f"linear ({recipe})", leave=False)
-        for epoch in epoch_iter:
-            for group in optimizer.param_groups:
-                group["lr"] = base_lr * 0.1 ** sum(epoch >= m for m in milestones)
-            head.train()
-            loss_sum, steps = torch.zeros((), device=device), 0  # summed on the device: no sync per step
-            for images, labels in loader:
-                loss = F.cross_entropy(head(_features(backbone, images.to(device))), labels.to(device))
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                loss_sum, steps = loss_sum + loss.detach(), steps + 1
-
-        head.eval()
-        logits, labels_all = [], []
-        for images, labels in DataLoader(EvalDataset(val_set, val_tf), batch_size=batch_size, num_workers=workers):
-            crops = images.shape[1] if ten_crop else 1
-            with torch.no_grad():
-                out = head(_features(backbone, images.to(device).flatten(0, 1) if ten_crop else images.to(device)))
-            logits.append(out.view(-1, crops, num_classes).mean(1).cpu())  # 10-crop: mean of the logits
-            labels_all.append(labels)
-    top1, top5 = topk_accuracy(torch.cat(logits), torch.cat(labels_all))
-    return LinearResult(top1, top5, {"mode": "standard", "recipe": recipe, "epochs": epochs, "lr": base_lr,
-                                     "milestones": milestones, "ten_crop": ten_crop,
-                                     "final_train_loss": loss_sum.item() / max(steps, 1)})
+        final_loss = _train_head(head, backbone, loader, plan, device, f"linear ({recipe})" if progress else None)
+        val_loader = DataLoader(EvalDataset(val_set, val_tf), batch_size=plan.batch_size, num_workers=workers)
+        top1, top5 = _score_head(head, backbone, val_loader, ten_crop, train_set.num_classes, device)
+    return LinearResult(top1, top5, {"mode": "standard", "recipe": recipe, "epochs": plan.epochs, "lr": plan.lr,
+                                     "milestones": plan.milestones, "ten_crop": ten_crop,
+                                     "final_train_loss": final_loss})

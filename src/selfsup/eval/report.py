@@ -1,10 +1,14 @@
 """``selfsup report RUN``: one self-contained HTML page about a run.
 
-Sections: the run summary, training curves from ``metrics.jsonl``, the score table from ``eval.json``, a 2-D
-embedding (t-SNE, or UMAP when installed) of the validation features coloured by class, k-means clusters of those
-features ranked by purity with rows of their images (the purest and the most mixed), and, for ViT backbones, the
-last layer's CLS attention maps. Every image is an inline ``data:image/png;base64`` URI: the file opens offline,
-copied anywhere, with no scripts and no external links. A section whose data are missing says so in one line.
+Sections: the run summary, training curves from ``metrics.jsonl``, the score table from ``eval.json``, collapse
+monitors (RankMe, the per-dimension std, the singular-value spectrum) of the validation features, a 2-D embedding
+(t-SNE, or UMAP when installed) of them coloured by class, k-means clusters of them ranked by purity with rows of
+their images (the purest and the most mixed), nearest-neighbour retrieval (validation queries and their neighbours
+among the training images), near-duplicate pairs of training images, and, for ViT backbones, the last layer's CLS
+attention maps. Without labels no section needs them: the embedding is coloured by k-means cluster and the clusters
+are ranked by tightness (mean cosine to the centroid). Every image is an inline ``data:image/png;base64`` URI: the
+file opens offline, copied anywhere, with no scripts and no external links. A section whose data are missing says so
+in one line.
 """
 
 from __future__ import annotations
@@ -24,24 +28,29 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 import yaml
 from matplotlib.figure import Figure
 from PIL import Image
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
 from selfsup.config import Config, ConfigError
 from selfsup.data.datasets import ImageDataset, build_dataset
 from selfsup.data.loader import EvalDataset
 from selfsup.data.transforms import transform_from_config
 from selfsup.engine.trainer import resolve_device
-from selfsup.eval.attention import attention_panel, cls_attention, unnormalise
-from selfsup.eval.clustering import kmeans
+from selfsup.eval.attention import attention_panel, cls_attention
+from selfsup.eval.clustering import cluster_tightness, kmeans
+from selfsup.eval.embedding_stats import collapse_scores, singular_values
 from selfsup.eval.features import extract_features, pooled_on_grid
-from selfsup.eval.protocols import score_names
+from selfsup.eval.pictures import image_row, pair_grid, retrieval_grid
+from selfsup.eval.protocols import LABEL_FREE_PROTOCOLS, format_score, score_names
+from selfsup.eval.retrieval import duplicated_in, near_duplicates, nearest_neighbours
 from selfsup.eval.run import load_run
 from selfsup.models.vit import ViT
 
 EMBEDDINGS = ("tsne", "umap")
+UNLABELLED_CLUSTERS = 10  # k of the report's k-means when the data set has no labels (build_report's clusters=)
 CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
                   "--hide-scrollbars")
@@ -214,19 +223,33 @@ def shown_clusters(ranked: list[ClusterStats], per_side: int = 3) -> tuple[list[
     return purest, mixed
 
 
-def image_row(images: torch.Tensor, mean, std, height: int = 64, gap: int = 4) -> Image.Image:
-    """The images side by side at ``height`` pixels (nearest-neighbour when enlarging), white gaps between."""
-    tiles = []
-    for array in (unnormalise(images, mean, std) * 255).round().astype(np.uint8):
-        tile = Image.fromarray(array)
-        width = max(1, round(tile.width * height / tile.height))
-        tiles.append(tile.resize((width, height), Image.NEAREST if tile.height < height else Image.BILINEAR))
-    row = Image.new("RGB", (sum(t.width for t in tiles) + gap * (len(tiles) - 1), height), "white")
-    x = 0
-    for tile in tiles:
-        row.paste(tile, (x, 0))
-        x += tile.width + gap
-    return row
+@dataclass
+class TightnessStats:
+    cluster: int
+    size: int
+    tightness: float  # mean cosine of the members to the cluster's centroid
+
+
+def rank_by_tightness(assign: np.ndarray, tightness: np.ndarray) -> list[TightnessStats]:
+    """Non-empty clusters, tightest first (ties: larger first, then lower index): the label-free ranking."""
+    sizes = np.bincount(np.asarray(assign, dtype=np.int64), minlength=len(tightness))
+    stats = [TightnessStats(c, int(sizes[c]), float(tightness[c])) for c in range(len(tightness)) if sizes[c] > 0]
+    return sorted(stats, key=lambda s: (-s.tightness, -s.size, s.cluster))
+
+
+def spectrum_figure(sigma: np.ndarray, title: str) -> bytes:
+    """The singular values, normalised to sum to 1, against their rank (log scale): a flat curve is a spread
+    embedding, a cliff after a few values a collapsed one."""
+    figure = _figure(5.2, 3.0)
+    axes = figure.add_subplot()
+    p = sigma / max(float(sigma.sum()), 1e-30)
+    axes.semilogy(np.arange(1, len(p) + 1), np.maximum(p, 1e-12), "-", lw=1.4)
+    axes.set_title(title, fontsize=10)
+    axes.set_xlabel("rank k", fontsize=9)
+    axes.set_ylabel("σ_k / Σσ", fontsize=9)
+    axes.tick_params(labelsize=8)
+    axes.grid(alpha=0.3)
+    return png_bytes(figure)
 
 
 # ---------------------------------------------------------------------------------------------- HTML
@@ -272,16 +295,18 @@ def scores_table(scores: dict[str, dict[str, float]]) -> str:
     head = "".join(f"<th>{html.escape(c)}</th>" for c in columns) + ("<th>trained − random_init</th>" if delta else "")
     rows = []
     for key in keys:
-        cells = "".join(f'<td class="num">{scores[c][key]:.2f}</td>' if isinstance(scores[c].get(key), (int, float))
+        cells = "".join(f'<td class="num">{format_score(scores[c][key])}</td>'
+                        if isinstance(scores[c].get(key), (int, float))
                         else "<td></td>" for c in columns)
         if delta:
             a, b = scores["trained"].get(key), scores["random_init"].get(key)
             if isinstance(a, (int, float)) and isinstance(b, (int, float)):
-                cells += f'<td class="num {"up" if a >= b else "down"}">{a - b:+.2f}</td>'
+                change = f"{a - b:+d}" if isinstance(a, int) and isinstance(b, int) else f"{a - b:+.2f}"
+                cells += f'<td class="num {"up" if a >= b else "down"}">{change}</td>'
             else:
                 cells += "<td></td>"
         rows.append(f"<tr><th>{html.escape(key)}</th>{cells}</tr>")
-    return f'<table><tr><th>score (%)</th>{head}</tr>{"".join(rows)}</table>'
+    return f'<table><tr><th>score</th>{head}</tr>{"".join(rows)}</table>'
 
 
 def histogram_bars(counts: np.ndarray, majority: int, classes: list[str], most: int = 20) -> str:
@@ -311,6 +336,13 @@ def cluster_block(stats: ClusterStats, row: Image.Image, classes: list[str]) -> 
             f'{img_tag(png_bytes(row), f"cluster {stats.cluster} images")}</div>')
 
 
+def tightness_block(stats: TightnessStats, row: Image.Image) -> str:
+    info = (f"<b>cluster {stats.cluster}</b>: {stats.size} images<br>tightness <b>{stats.tightness:.3f}</b><br>"
+            "<small>mean cosine similarity of the members to the centroid</small>")
+    return (f'<div class="cluster"><div class="info">{info}</div>'
+            f'{img_tag(png_bytes(row), f"cluster {stats.cluster} images")}</div>')
+
+
 # ---------------------------------------------------------------------------------------------- the report
 
 
@@ -331,7 +363,7 @@ def wall_time(records: list[dict]) -> str:
 def _summary_rows(cfg: Config, state: dict, checkpoint: Path, method: Any, val_size: int,
                   records: list[dict]) -> list[tuple[str, str]]:
     params = sum(p.numel() for p in method.backbone.parameters())
-    train_size = method.data.num_samples  # the training set load_run built the method for
+    train_size = method.run.num_samples  # the training set load_run built the method for
     d, t = cfg.data, cfg.train
     return [
         ("method", cfg.method.name),
@@ -348,128 +380,325 @@ def _summary_rows(cfg: Config, state: dict, checkpoint: Path, method: Any, val_s
     ]
 
 
+@dataclass
+class ReportInputs:
+    """What every section reads: the run, its validation features (the report's query set) and their labels."""
+
+    cfg: Config
+    state: dict
+    checkpoint: Path
+    method: Any
+    device: torch.device
+    records: list[dict]
+    val_set: ImageDataset
+    val_eval: EvalDataset
+    raw_features: torch.Tensor  # (N, D) validation features as the backbone gives them
+    features: torch.Tensor  # the same, L2-normalised
+    labels: np.ndarray  # (N,) int64, -1 where a validation image has no label
+    generator: np.random.Generator  # seeded by train.seed; the sections draw from it in page order
+
+    @property
+    def run_dir(self) -> Path:
+        return self.checkpoint.parent
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.val_set.classes) or ["?"]
+
+    @property
+    def labelled(self) -> bool:
+        """Whether the label-based sections apply: at least 2 classes and as many labelled images as classes."""
+        num_classes = len(self.val_set.classes)
+        return num_classes >= 2 and int((self.labels >= 0).sum()) >= num_classes
+
+
+@dataclass
+class Clustering:
+    """k-means of the validation features: on the labelled images with k = the number of classes when there are
+    labels, else on all of them with the report's k."""
+
+    members: np.ndarray  # indices of the clustered validation images
+    assign: np.ndarray  # their clusters
+    k: int
+
+
+@dataclass
+class Memory:
+    """The retrieval memory: (a seeded subset of) the training split under the eval transform, embedded."""
+
+    dataset: EvalDataset
+    indices: np.ndarray  # rows of the training split that were embedded
+    features: torch.Tensor  # their L2-normalised features
+    labels: np.ndarray
+    size: int  # images in the whole training split
+
+
 def _validation(cfg: Config) -> tuple[ImageDataset, EvalDataset]:
     dataset = build_dataset(cfg.data, cfg.data.val_split)
     return dataset, EvalDataset(dataset, transform_from_config(cfg.data, "eval"))
 
 
-def build_report(run: str | Path, out: str | Path | None = None, *, embedding: str = "tsne",
-                 max_points: int = 1500, device: str | None = None, overrides: list[str] | None = None,
-                 clusters_per_side: int = 3, images_per_cluster: int = 10, attention_images: int = 4) -> Path:
-    """Write the run's HTML report (default ``RUN/report.html``) and return its path.
+def _embed(backbone: torch.nn.Module, dataset: Any, cfg: Config, device: torch.device) -> tuple[torch.Tensor,
+                                                                                                 torch.Tensor]:
+    """Raw eval-transform features and labels of ``dataset``, pooled as the scores were (``eval.pool_grid``)."""
+    loader = DataLoader(dataset, batch_size=cfg.eval.batch_size, num_workers=cfg.data.num_workers, shuffle=False)
+    with pooled_on_grid(backbone, cfg.eval.pool_grid) as pooled:
+        return extract_features(pooled, loader, device, normalize=False)
 
-    ``max_points`` validation images (a seeded random subset) enter the 2-D embedding; k-means (k = number of
-    classes, on all L2-normalised validation features, seeded by ``train.seed`` as the ``cluster`` protocol) gives
-    the clusters. ``device`` defaults to the run's ``train.device``.
-    """
-    if embedding not in EMBEDDINGS:
-        raise ConfigError(f"embedding must be one of {list(EMBEDDINGS)}, got {embedding!r}")
+
+def load_report_inputs(run: str | Path, overrides: list[str] | None, device: str | None) -> ReportInputs:
+    """The run's checkpoint, config and method, and its validation features (``device`` defaults to the run's)."""
     checkpoint, state, cfg, method, _ = load_run(run, overrides)
-    run_dir = checkpoint.parent
     target = resolve_device(device or cfg.train.device)
-    seed = cfg.train.seed
-    records = read_metrics(run_dir)
     val_set, val_eval = _validation(cfg)
-    classes = list(val_set.classes) or ["?"]
-    sections: list[str] = []
+    raw, labels = _embed(method.backbone, val_eval, cfg, target)
+    return ReportInputs(cfg, state, checkpoint, method, target, read_metrics(checkpoint.parent), val_set, val_eval,
+                        raw, F.normalize(raw, dim=1), labels.numpy(), np.random.default_rng(cfg.train.seed))
 
-    # curves
+
+def _cluster(inputs: ReportInputs, clusters: int | None) -> Clustering | None:
+    """k-means (seeded by ``train.seed``, as the ``cluster`` protocol) on the L2-normalised validation features."""
+    if inputs.labelled:
+        members, k = np.flatnonzero(inputs.labels >= 0), len(inputs.val_set.classes)
+    else:
+        members = np.arange(len(inputs.labels))
+        k = min(clusters or UNLABELLED_CLUSTERS, len(members))
+    if k < 2:
+        return None
+    _, assign = kmeans(inputs.features[members].to(inputs.device), k, seed=inputs.cfg.train.seed)
+    return Clustering(members, assign.cpu().numpy(), k)
+
+
+def _memory(inputs: ReportInputs, max_images: int) -> Memory:
+    """The training split (eval transform) as retrieval memory: all of it, or a seeded subset of ``max_images``."""
+    cfg = inputs.cfg
+    train_set = build_dataset(cfg.data, cfg.data.train_split)
+    dataset = EvalDataset(train_set, transform_from_config(cfg.data, "eval"))
+    n = len(train_set)
+    generator = np.random.default_rng([cfg.train.seed, 1])  # its own draws: the other sections' stay as they were
+    indices = np.sort(generator.permutation(n)[:max_images]) if n > max_images else np.arange(n)
+    raw, labels = _embed(inputs.method.backbone, Subset(dataset, indices.tolist()), cfg, inputs.device)
+    return Memory(dataset, indices, F.normalize(raw, dim=1), labels.numpy(), n)
+
+
+# ------------------------------------------------------------------------------------------- the sections
+
+
+def curves_section(records: list[dict]) -> str:
     curves = curve_figures(*split_records(records))
     body = ('<div class="grid">' + "".join(img_tag(png, title, "curve") for title, png in curves) + "</div>"
             if curves else note("No metrics.jsonl records in the run folder: no curves to draw."))
-    sections.append(f"<h2>Training curves</h2>{body}")
+    return f"<h2>Training curves</h2>{body}"
 
-    # evaluation table
+
+def evaluation_section(run_dir: Path, labelled: bool) -> str:
     eval_path = run_dir / "eval.json"
     if eval_path.is_file():
         scores = json.loads(eval_path.read_text())
-        body = scores_table(scores) + note(f"From {eval_path.name}; k-NN/1-NN/linear in top-1 %, clustering "
-                                           "scores in %. Re-run `selfsup eval RUN --protocol ...` to add scores.")
+        body = scores_table(scores) + note(f"From {eval_path.name}; k-NN/1-NN/linear in top-1 %, clustering scores "
+                                           "in %, rankme an effective rank, feature_std a standard deviation, "
+                                           "duplicates counts. Re-run `selfsup eval RUN --protocol ...` to add scores.")
     else:
-        body = note(f"No eval.json in {run_dir}: run `selfsup eval {run_dir} --protocol knn,nn,cluster "
+        protocols = "knn,nn,cluster,rankme" if labelled else ",".join(LABEL_FREE_PROTOCOLS)
+        body = note(f"No eval.json in {run_dir}: run `selfsup eval {run_dir} --protocol {protocols} "
                     "--random-init` first.")
-    sections.append(f"<h2>Evaluation</h2>{body}")
+    return f"<h2>Evaluation</h2>{body}"
 
-    # validation features: embedding and clusters
-    loader = DataLoader(val_eval, batch_size=cfg.eval.batch_size, num_workers=cfg.data.num_workers, shuffle=False)
-    with pooled_on_grid(method.backbone, cfg.eval.pool_grid) as backbone:  # the features the scores used
-        features, labels = extract_features(backbone, loader, target, normalize=True)
-    labels_np = labels.numpy()
-    generator = np.random.default_rng(seed)
-    n = features.shape[0]
-    subset = np.sort(generator.permutation(n)[:max_points]) if n > max_points else np.arange(n)
-    if len(subset) >= 5:
-        points, used = embed_2d(features[subset].numpy(), embedding, seed)
-        title = f"{used} of {len(subset)} validation features (of {n}), coloured by class"
-        body = img_tag(embedding_figure(points, labels_np[subset], classes, title), title, "embedding")
-        if embedding == "umap" and used != "UMAP":
-            body = note("umap-learn is not installed (pip install 'selfsup[umap]'): t-SNE instead.") + body
-        if (labels_np < 0).all():
-            body = note("The validation split has no labels: the points are not coloured.") + body
-    else:
-        body = note(f"Only {len(subset)} validation images: too few for a 2-D embedding.")
-    sections.append(f"<h2>Embedding of validation features</h2>{body}")
 
-    labelled = labels_np >= 0
-    num_classes = len(val_set.classes)
-    if num_classes < 2 or labelled.sum() < num_classes:
-        body = note("The validation split has no class labels (or fewer images than classes): "
-                    "cluster purity needs them.")
+def collapse_section(inputs: ReportInputs) -> str:
+    """RankMe and the feature std of the validation features, and their singular-value spectrum."""
+    features = inputs.raw_features
+    if features.shape[0] < 2:
+        return f"<h2>Collapse monitors</h2>{note('Fewer than 2 validation images: no collapse monitors.')}"
+    scores = collapse_scores(features.to(inputs.device), seed=inputs.cfg.train.seed)
+    dim = features.shape[1]
+    rows = [("RankMe (effective rank)", f"{scores['rankme']:.2f} of at most {min(features.shape)}"),
+            ("per-dimension std of L2-normalised features", f"{scores['feature_std']:.4f} (1/√D = {dim ** -0.5:.4f})"),
+            ("the same × √D", f"{scores['feature_std_x_sqrt_d']:.3f} (≈ 1: spread evenly; 0: collapsed)")]
+    sigma = singular_values(features.to(inputs.device)).cpu().numpy()
+    title = f"singular values of the {features.shape[0]} x {dim} validation features"
+    body = (f"<p>Label-free signs of a collapsing embedding (RankMe, Garrido et al. 2023; the SimSiam std check), on "
+            f"the validation features.</p>{summary_table(rows)}"
+            f'<div class="grid">{img_tag(spectrum_figure(sigma, title), title, "spectrum")}</div>')
+    return f"<h2>Collapse monitors</h2>{body}"
+
+
+def embedding_section(inputs: ReportInputs, clustering: Clustering | None, embedding: str, max_points: int) -> str:
+    """A 2-D embedding of (a seeded subset of) the validation features: coloured by class when there are labels,
+    else by k-means cluster."""
+    n = inputs.features.shape[0]
+    subset = np.sort(inputs.generator.permutation(n)[:max_points]) if n > max_points else np.arange(n)
+    if len(subset) < 5:
+        return f"<h2>Embedding of validation features</h2>{note(f'Only {len(subset)} validation images: too few.')}"
+    points, used = embed_2d(inputs.features[subset].numpy(), embedding, inputs.cfg.train.seed)
+    if inputs.labelled or clustering is None:
+        colours, names, by = inputs.labels[subset], inputs.classes, "class"
     else:
-        kept = np.flatnonzero(labelled)
-        _, assign = kmeans(features[kept].to(target), num_classes, seed=seed)
-        assign_np = assign.cpu().numpy()
-        ranked = rank_clusters(assign_np, labels_np[kept], num_classes, num_classes)
-        purest, mixed = shown_clusters(ranked, clusters_per_side)
-        mean_purity = sum(s.purity * s.size for s in ranked) / len(kept)
-        blocks = [f"<p>k-means with k = {num_classes} (the number of classes) on the {len(kept)} L2-normalised "
-                  f"validation features; purity = the fraction of a cluster carrying its majority label. "
-                  f"Size-weighted mean purity <b>{100 * mean_purity:.1f}%</b>. Each row shows up to "
-                  f"{images_per_cluster} random members (eval transform, no augmentation).</p>"]
-        for heading, group in (("Purest clusters", purest), ("Most mixed clusters", mixed)):
-            if not group:
-                continue
+        colours, names, by = clustering.assign[subset], [f"cluster {c}" for c in range(clustering.k)], "k-means cluster"
+    title = f"{used} of {len(subset)} validation features (of {n}), coloured by {by}"
+    body = img_tag(embedding_figure(points, colours, names, title), title, "embedding")
+    if embedding == "umap" and used != "UMAP":
+        body = note("umap-learn is not installed (pip install 'selfsup[umap]'): t-SNE instead.") + body
+    if not inputs.labelled:
+        body = note(f"The validation split has no class labels: the points are coloured by their k-means cluster "
+                    f"(k = {clustering.k if clustering else 1}).") + body
+    return f"<h2>Embedding of validation features</h2>{body}"
+
+
+def clusters_section(inputs: ReportInputs, clustering: Clustering | None, per_side: int, per_cluster: int) -> str:
+    """Cluster rows: ranked by purity when there are labels, by tightness (mean cosine to the centroid) otherwise."""
+    if clustering is None:
+        return f"<h2>Clusters</h2>{note('Too few validation images for k-means with k >= 2.')}"
+    members, assign, k = clustering.members, clustering.assign, clustering.k
+    if inputs.labelled:
+        ranked: list[Any] = rank_clusters(assign, inputs.labels[members], k, k)
+        mean_purity = sum(s.purity * s.size for s in ranked) / len(members)
+        intro = (f"k-means with k = {k} (the number of classes) on the {len(members)} L2-normalised validation "
+                 f"features; purity = the fraction of a cluster carrying its majority label. Size-weighted mean "
+                 f"purity <b>{100 * mean_purity:.1f}%</b>.")
+        headings = ("Purest clusters", "Most mixed clusters")
+    else:
+        ranked = rank_by_tightness(assign, cluster_tightness(inputs.features[members], torch.from_numpy(assign), k))
+        intro = (f"The validation split has no class labels: k-means with k = {k} on the {len(members)} "
+                 "L2-normalised validation features, clusters ranked by tightness (the mean cosine similarity of "
+                 "their members to the centroid).")
+        headings = ("Tightest clusters", "Loosest clusters")
+    blocks = [f"<p>{intro} Each row shows up to {per_cluster} random members (eval transform, no augmentation).</p>"]
+    for heading, group in zip(headings, shown_clusters(ranked, per_side), strict=True):
+        if group:
             blocks.append(f"<h3>{heading}</h3>")
-            for stats in group:
-                members = kept[assign_np == stats.cluster]
-                chosen = np.sort(generator.choice(members, min(images_per_cluster, len(members)), replace=False))
-                images = torch.stack([val_eval[int(i)][0] for i in chosen])
-                blocks.append(cluster_block(stats, image_row(images, cfg.data.mean, cfg.data.std), classes))
-        body = "".join(blocks)
-    sections.append(f"<h2>Clusters</h2>{body}")
+        for stats in group:
+            cluster_members = members[assign == stats.cluster]
+            chosen = np.sort(inputs.generator.choice(cluster_members, min(per_cluster, len(cluster_members)),
+                                                     replace=False))
+            row = image_row(torch.stack([inputs.val_eval[int(i)][0] for i in chosen]), inputs.cfg.data.mean,
+                            inputs.cfg.data.std)
+            blocks.append(cluster_block(stats, row, inputs.classes) if inputs.labelled else tightness_block(stats, row))
+    return f"<h2>Clusters</h2>{''.join(blocks)}"
 
-    # attention maps
-    backbone = method.backbone
-    if isinstance(backbone, ViT):
-        count = min(attention_images, len(val_eval))
-        images = torch.stack([val_eval[i][0] for i in range(count)])
-        backbone.to(target).eval()
-        maps = cls_attention(backbone, images.to(target))
-        zoom = max(1, 96 // images.shape[-2])
-        heads = maps.shape[1]
-        rows = [img_tag(png_bytes(attention_panel(image, head_maps, cfg.data.mean, cfg.data.std, zoom)),
-                        f"attention of validation image {i}") for i, (image, head_maps) in enumerate(zip(images, maps,
-                                                                                                      strict=True))]
-        body = (f"<p>Last block, CLS token → patches, one map per head ({heads} heads), per-head min–max scaled, "
-                f"over the first {count} validation images: [input | head 1 … head {heads}].</p>"
-                f'<div class="grid">{"".join(rows)}</div>')
-    else:
-        body = note(f"Attention maps are drawn for ViT backbones; this run uses {cfg.model.backbone}.")
-    sections.append(f"<h2>Attention maps</h2>{body}")
 
-    summary = summary_table(_summary_rows(cfg, state, checkpoint, method, len(val_set), records))
+def retrieval_section(inputs: ReportInputs, memory: Memory, queries: int, k: int) -> str:
+    """Seeded random validation images and their ``k`` nearest training images (cosine)."""
+    if k < 1:
+        raise ConfigError(f"eval.retrieval_k must be at least 1, got {k}")
+    count = min(queries, len(inputs.labels))
+    if count == 0 or memory.features.shape[0] == 0:
+        return f"<h2>Nearest-neighbour retrieval</h2>{note('No validation or training images to search.')}"
+    chosen = np.sort(inputs.generator.choice(len(inputs.labels), count, replace=False))
+    sims, idx = nearest_neighbours(inputs.features[chosen].to(inputs.device), memory.features.to(inputs.device), k)
+    sims, idx = sims.cpu(), idx.cpu().numpy()
+    neighbours = torch.stack([torch.stack([memory.dataset[int(memory.indices[j])][0] for j in row]) for row in idx])
+    queries_images = torch.stack([inputs.val_eval[int(i)][0] for i in chosen])
+    labelled = inputs.labelled
+    grid = retrieval_grid(queries_images, neighbours, sims, inputs.cfg.data.mean, inputs.cfg.data.std,
+                          query_labels=inputs.labels[chosen] if labelled else None,
+                          neighbour_labels=memory.labels[idx] if labelled else None,
+                          classes=inputs.classes if labelled else None)
+    searched = (f"all {memory.size}" if len(memory.indices) == memory.size
+                else f"a seeded random {len(memory.indices)} of the {memory.size}")
+    text = (f"{count} random validation images (blue frame) and their {idx.shape[1]} nearest neighbours by cosine "
+            f"similarity among {searched} training images (eval transform), most similar first; each neighbour is "
+            "captioned with its similarity")
+    if labelled:
+        same = float((memory.labels[idx] == inputs.labels[chosen, None]).mean())
+        text += (f" and class, green where it is the query's class, red where not: {100 * same:.0f}% of these "
+                 "neighbours share the query's class")
+    body = f"<p>{text}.</p>" + img_tag(png_bytes(grid), "retrieval grid: validation queries and their neighbours",
+                                       "retrieval")
+    return f"<h2>Nearest-neighbour retrieval</h2>{body}"
+
+
+def duplicates_section(inputs: ReportInputs, memory: Memory, max_pairs: int) -> str:
+    """Near-duplicate pairs among the training images searched, and validation images duplicated among them."""
+    threshold = inputs.cfg.eval.duplicate_threshold
+    if memory.features.shape[0] < 2:
+        return f"<h2>Near duplicates</h2>{note('Fewer than 2 training images: no pairs to compare.')}"
+    found = near_duplicates(memory.features.to(inputs.device), threshold, max_pairs=max_pairs)
+    in_train, _ = duplicated_in(inputs.features.to(inputs.device), memory.features.to(inputs.device), threshold)
+    n = memory.features.shape[0]
+    text = (f"<b>{found.count}</b> pairs of the {n} training images searched have cosine similarity ≥ {threshold:g} "
+            f"(eval.duplicate_threshold), of {n * (n - 1) // 2} pairs; <b>{int(in_train.sum())}</b> of the "
+            f"{len(inputs.labels)} validation images have such a near duplicate among them.")
+    if found.count == 0:
+        return f"<h2>Near duplicates</h2><p>{text}</p>"
+    pairs = found.pairs.cpu().numpy()
+    first = torch.stack([memory.dataset[int(memory.indices[i])][0] for i in pairs[:, 0]])
+    second = torch.stack([memory.dataset[int(memory.indices[j])][0] for j in pairs[:, 1]])
+    captions = [f"train {memory.indices[i]} / {memory.indices[j]}" for i, j in pairs]
+    grid = pair_grid(first, second, found.similarities.cpu(), inputs.cfg.data.mean, inputs.cfg.data.std,
+                     captions=captions)
+    shown = f" The {len(pairs)} most similar pairs:" if found.count > len(pairs) else " The pairs:"
+    body = f"<p>{text}{shown}</p>" + img_tag(png_bytes(grid), "near-duplicate pairs", "duplicates")
+    return f"<h2>Near duplicates</h2>{body}"
+
+
+def attention_section(inputs: ReportInputs, attention_images: int) -> str:
+    cfg, backbone, val_eval = inputs.cfg, inputs.method.backbone, inputs.val_eval
+    if not isinstance(backbone, ViT):
+        text = f"Attention maps are drawn for ViT backbones; this run uses {cfg.model.backbone}."
+        return f"<h2>Attention maps</h2>{note(text)}"
+    count = min(attention_images, len(val_eval))
+    images = torch.stack([val_eval[i][0] for i in range(count)])
+    backbone.to(inputs.device).eval()
+    maps = cls_attention(backbone, images.to(inputs.device))
+    zoom = max(1, 96 // images.shape[-2])
+    heads = maps.shape[1]
+    rows = [img_tag(png_bytes(attention_panel(image, head_maps, cfg.data.mean, cfg.data.std, zoom)),
+                    f"attention of validation image {i}")
+            for i, (image, head_maps) in enumerate(zip(images, maps, strict=True))]
+    body = (f"<p>Last block, CLS token → patches, one map per head ({heads} heads), per-head min–max scaled, "
+            f"over the first {count} validation images: [input | head 1 … head {heads}].</p>"
+            f'<div class="grid">{"".join(rows)}</div>')
+    return f"<h2>Attention maps</h2>{body}"
+
+
+def page_html(inputs: ReportInputs, sections: list[str]) -> str:
+    cfg = inputs.cfg
+    summary = summary_table(_summary_rows(cfg, inputs.state, inputs.checkpoint, inputs.method, len(inputs.val_set),
+                                          inputs.records))
     config_yaml = html.escape(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     title = f"{cfg.method.name} · {cfg.model.backbone} · {cfg.data.name}"
-    page = (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
             f'<meta name="viewport" content="width=device-width, initial-scale=1">'
-            f"<title>selfsup report: {html.escape(run_dir.name)}</title><style>{CSS}</style></head><body><main>"
-            f"<h1>{html.escape(title)}</h1><p class=\"sub\">{html.escape(str(run_dir))} · report written "
+            f"<title>selfsup report: {html.escape(inputs.run_dir.name)}</title><style>{CSS}</style></head><body><main>"
+            f"<h1>{html.escape(title)}</h1><p class=\"sub\">{html.escape(str(inputs.run_dir))} · report written "
             f"{datetime.now():%Y-%m-%d %H:%M}</p><h2>Run</h2>{summary}"
             f"<details><summary>resolved configuration</summary><pre>{config_yaml}</pre></details>"
             f"{''.join(sections)}</main></body></html>\n")
-    path = Path(out) if out else run_dir / "report.html"
+
+
+def build_report(run: str | Path, out: str | Path | None = None, *, embedding: str = "tsne",
+                 max_points: int = 1500, device: str | None = None, overrides: list[str] | None = None,
+                 clusters_per_side: int = 3, images_per_cluster: int = 10, attention_images: int = 4,
+                 retrieval_queries: int = 6, memory_images: int = 10_000, clusters: int | None = None,
+                 duplicate_pairs: int = 12) -> Path:
+    """Write the run's HTML report (default ``RUN/report.html``) and return its path.
+
+    ``max_points`` validation images (a seeded random subset) enter the 2-D embedding; k-means (k = number of
+    classes, on all L2-normalised validation features, seeded by ``train.seed`` as the ``cluster`` protocol; without
+    labels k = ``clusters``, default 10) gives the clusters. ``retrieval_queries`` validation images are shown with
+    their ``eval.retrieval_k`` nearest neighbours among (a seeded random ``memory_images`` of) the training images,
+    which are also searched for near-duplicate pairs (``duplicate_pairs`` shown). ``device`` defaults to the run's
+    ``train.device``. Without labels, no section needs them.
+    """
+    if embedding not in EMBEDDINGS:
+        raise ConfigError(f"embedding must be one of {list(EMBEDDINGS)}, got {embedding!r}")
+    inputs = load_report_inputs(run, overrides, device)
+    clustering = _cluster(inputs, clusters)
+    memory = _memory(inputs, memory_images)
+    sections = [
+        curves_section(inputs.records),
+        evaluation_section(inputs.run_dir, inputs.labelled),
+        collapse_section(inputs),
+        embedding_section(inputs, clustering, embedding, max_points),
+        clusters_section(inputs, clustering, clusters_per_side, images_per_cluster),
+        retrieval_section(inputs, memory, retrieval_queries, inputs.cfg.eval.retrieval_k),
+        duplicates_section(inputs, memory, duplicate_pairs),
+        attention_section(inputs, attention_images),
+    ]
+    path = Path(out) if out else inputs.run_dir / "report.html"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(page, encoding="utf-8")
+    path.write_text(page_html(inputs, sections), encoding="utf-8")
     return path
 
 

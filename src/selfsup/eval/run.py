@@ -14,9 +14,9 @@ from torch import nn
 from selfsup.config import Config, config_from_dict, parse_override, set_dotted
 from selfsup.data.datasets import build_dataset
 from selfsup.engine.checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint
-from selfsup.engine.trainer import resolve_device, seed_everything
+from selfsup.engine.trainer import method_for, resolve_device, seed_everything
 from selfsup.eval.protocols import check_protocols, evaluate_backbone, format_scores
-from selfsup.methods import DataInfo, Method, build_method
+from selfsup.methods import Method
 
 
 def load_run(path: str | Path, overrides: list[str] | None = None, state: dict | None = None,
@@ -33,7 +33,7 @@ def load_run(path: str | Path, overrides: list[str] | None = None, state: dict |
     cfg = config_from_dict(raw)
     train_set = build_dataset(cfg.data, cfg.data.train_split)
     seed_everything(cfg.train.seed)
-    method = build_method(cfg, DataInfo(len(train_set), train_set.num_classes))
+    method = method_for(cfg, len(train_set), train_set.num_classes)
     initial = copy.deepcopy(method.backbone)
     method.load_state_dict(state["method"])
     return checkpoint, state, cfg, method, initial

@@ -13,22 +13,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from selfsup.config import Config, MethodConfig, register_method_config
+from selfsup.config import MethodConfig
 from selfsup.methods.base import (
-    DataInfo,
-    Encoder,
+    BackboneFactory,
+    Batch,
     Method,
+    Progress,
+    RunInfo,
     StepOutput,
     augmentation_views,
-    new_backbone,
     register_method,
 )
-from selfsup.models.heads import byol_predictor, byol_projector
-from selfsup.nn import distributed
-from selfsup.nn.ema import ema_update, make_teacher
+from selfsup.models.heads import byol_heads
+from selfsup.nn.online_target import OnlineTarget
 
 
-@register_method_config
 @dataclass
 class BYOLConfig(MethodConfig):
     name: str = "byol"
@@ -44,50 +43,27 @@ def byol_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     return (2 - 2 * (F.normalize(p, dim=1) * F.normalize(z, dim=1)).sum(dim=1)).mean()
 
 
-class OnlineTarget(Method):
-    """Shared skeleton of BYOL-style methods: online encoder + predictor, EMA target, ShuffleBN targets."""
+@register_method(BYOLConfig)
+class BYOL(Method):
+    cfg: BYOLConfig
 
-    def __init__(self, cfg: MethodConfig, full: Config, data: DataInfo):
-        super().__init__(cfg, full, data)
-        backbone, width = new_backbone(full)
-        projector, predictor, self.embedding_dim = self.heads(width)
-        self.encoder_q = Encoder(backbone, projector)
-        self.encoder_k = make_teacher(self.encoder_q)
-        self.predictor = predictor
-
-    def heads(self, width: int) -> tuple[nn.Module, nn.Module, int]:
-        """(projector, predictor, embedding width) on a ``width``-d backbone; BYOL's d → 2d → d/4 by default."""
-        return byol_projector(width), byol_predictor(width // 4, 2 * width), width // 4
+    def __init__(self, cfg: BYOLConfig, backbone: BackboneFactory, run: RunInfo):
+        super().__init__(cfg, run)
+        self.views = augmentation_views(cfg.augmentation)
+        net, width = backbone()
+        projector, predictor, _ = byol_heads(width)
+        self.net = OnlineTarget(net, projector, predictor)
 
     @property
     def backbone(self) -> nn.Module:
-        return self.encoder_q.backbone
+        return self.net.backbone
 
-    def query(self, x: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.predictor(self.encoder_q(x)), dim=1)
-
-    @torch.no_grad()
-    def target(self, x: torch.Tensor, shuffle_bn: bool) -> torch.Tensor:
-        if shuffle_bn:
-            shuffled, inverse = distributed.batch_shuffle(x)
-            return distributed.batch_unshuffle(F.normalize(self.encoder_k(shuffled), dim=1), inverse)
-        return F.normalize(self.encoder_k(x), dim=1)
-
-    def on_after_step(self, progress: float) -> None:
-        ema_update(self.encoder_k, self.encoder_q, self.cfg.momentum)
-
-
-@register_method("byol")
-class BYOL(OnlineTarget):
-    cfg: BYOLConfig
-
-    def __init__(self, cfg: BYOLConfig, full: Config, data: DataInfo):
-        super().__init__(cfg, full, data)
-        self.views = augmentation_views(cfg.augmentation)
-
-    def training_step(self, views, indices, labels) -> StepOutput:
-        x_q, x_t = views
-        p = self.query(x_q)
-        z = self.target(x_t, self.cfg.shuffle_bn)
+    def training_step(self, batch: Batch) -> StepOutput:
+        x_q, x_t = batch.views
+        p = self.net.query(x_q)
+        z = self.net.target(x_t, self.cfg.shuffle_bn)
         loss = byol_loss(p, z.to(p.dtype))
         return StepOutput(loss, {"cosine": (1 - loss.detach() / 2)})
+
+    def on_after_step(self, progress: Progress) -> None:
+        self.net.update_target(self.cfg.momentum)

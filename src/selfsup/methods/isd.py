@@ -20,7 +20,7 @@ Two variants share this file, selected by name, each with its script's defaults:
 
 Every difference is a field of the config, so e.g. ``run_isd_plus.sh``'s R18 run is ``method=isd_plus
 method.teacher_temperature=0.02 method.student_temperature=0.2``.
-Monitor: ``purity``, the fraction of the teacher's top-5 queue neighbours sharing the true label.
+Monitor: the teacher's top-5 queue neighbours (``StepOutput.neighbours``), whose label purity the engine logs.
 """
 
 from __future__ import annotations
@@ -31,14 +31,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from selfsup.config import Config, MethodConfig, register_method_config
-from selfsup.methods.base import DataInfo, StepOutput, augmentation_views, register_method
-from selfsup.methods.byol import OnlineTarget
-from selfsup.models.heads import byol_predictor, byol_projector, mlp
+from selfsup.config import MethodConfig
+from selfsup.methods.base import (
+    BackboneFactory,
+    Batch,
+    Method,
+    Progress,
+    RunInfo,
+    StepOutput,
+    augmentation_views,
+    register_method,
+)
+from selfsup.models.heads import byol_heads, mlp
 from selfsup.nn.memory import MemoryBank
+from selfsup.nn.online_target import OnlineTarget
 
 
-@register_method_config
 @dataclass
 class ISDConfig(MethodConfig):
     name: str = "isd"
@@ -53,7 +61,6 @@ class ISDConfig(MethodConfig):
     purity_k: int = 5  # monitor: the teacher's top-k queue neighbours
 
 
-@register_method_config
 @dataclass
 class ISDPlusConfig(ISDConfig):
     name: str = "isd_plus"
@@ -77,31 +84,41 @@ def similarities(x: torch.Tensor, queue: torch.Tensor) -> torch.Tensor:
         return x.float() @ queue.float().T
 
 
-@register_method("isd")
-@register_method("isd_plus")
-class ISD(OnlineTarget):
+def isd_heads(width: int, projection_heads: bool) -> tuple[nn.Module, nn.Module, int]:
+    """(projector, predictor, embedding width). ISD+: BYOL's MLP heads on both encoders and BYOL's predictor.
+    ISD: the teacher embeds with the pooled feature; predictor Linear(d,d,bias=False)-BN-ReLU-Linear(d,d)."""
+    if projection_heads:
+        return byol_heads(width)
+    return nn.Identity(), mlp([width, width, width], first_bias=False), width
+
+
+@register_method(ISDConfig, ISDPlusConfig)
+class ISD(Method):
     cfg: ISDConfig
 
-    def __init__(self, cfg: ISDConfig, full: Config, data: DataInfo):
-        super().__init__(cfg, full, data)
+    def __init__(self, cfg: ISDConfig, backbone: BackboneFactory, run: RunInfo):
+        super().__init__(cfg, run)
         self.views = augmentation_views(cfg.augmentation)
-        self.queue = MemoryBank(cfg.queue_size, self.embedding_dim, init=cfg.queue_init, store_labels=True)
+        net, width = backbone()
+        projector, predictor, dim = isd_heads(width, cfg.projection_heads)
+        self.net = OnlineTarget(net, projector, predictor)
+        self.queue = MemoryBank(cfg.queue_size, dim, init=cfg.queue_init, store_ids=True)
 
-    def heads(self, width: int) -> tuple[nn.Module, nn.Module, int]:
-        if self.cfg.projection_heads:  # ISD+: get_mlp on both encoders, BYOL's predictor
-            return byol_projector(width), byol_predictor(width // 4, 2 * width), width // 4
-        # ISD: the teacher embeds with the pooled feature; predictor Linear(d,d,bias=False)-BN-ReLU-Linear(d,d)
-        return nn.Identity(), mlp([width, width, width], first_bias=False), width
+    @property
+    def backbone(self) -> nn.Module:
+        return self.net.backbone
 
-    def training_step(self, views, indices, labels) -> StepOutput:
-        x_q, x_k = views  # student (query) view, teacher (key) view
-        q = self.query(x_q)
-        k = self.target(x_k, self.cfg.shuffle_bn)
+    def training_step(self, batch: Batch) -> StepOutput:
+        x_q, x_k = batch.views  # student (query) view, teacher (key) view
+        q = self.net.query(x_q)
+        k = self.net.target(x_k, self.cfg.shuffle_bn)
         queue = self.queue.snapshot()  # the same queue for student and teacher
         student_logits = similarities(q, queue) / self.cfg.student_temperature
         teacher_logits = similarities(k, queue) / self.cfg.teacher_temperature
         loss = isd_loss(student_logits, teacher_logits)
-        neighbours = teacher_logits.topk(self.cfg.purity_k, dim=1).indices
-        purity = self.queue.purity(neighbours, labels)
-        self.queue.enqueue(k, labels)  # only after the loss
-        return StepOutput(loss, {"purity": purity})
+        neighbours = self.queue.ids[teacher_logits.topk(self.cfg.purity_k, dim=1).indices]
+        self.queue.enqueue(k, batch.indices)  # only after the loss
+        return StepOutput(loss, neighbours=neighbours)
+
+    def on_after_step(self, progress: Progress) -> None:
+        self.net.update_target(self.cfg.momentum)

@@ -3,7 +3,7 @@
 q = n(f_q(x_q)), k = sg(n(f_k(x_k))); logits = [q·k, q·Q₁ … q·Q_K] / τ; L = CE(logits, 0).
 Step order as the official code: EMA of the key encoder (done after the previous optimiser step,
 which is the same weights), keys with ShuffleBN, logits against the queue as it was, then enqueue
-the keys gathered from all ranks.
+the keys gathered from all ranks (with their dataset indices).
 """
 
 from __future__ import annotations
@@ -14,15 +14,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from selfsup.config import Config, MethodConfig, check_choice, register_method_config
-from selfsup.methods.base import DataInfo, Encoder, Method, StepOutput, new_backbone, register_method
+from selfsup.config import MethodConfig
+from selfsup.data.recipes import ViewLayout
+from selfsup.errors import check_choice
+from selfsup.methods.base import BackboneFactory, Batch, Method, Progress, RunInfo, StepOutput, register_method
 from selfsup.models.heads import mlp
-from selfsup.nn import distributed
-from selfsup.nn.ema import ema_update, make_teacher
 from selfsup.nn.memory import MemoryBank
+from selfsup.nn.online_target import OnlineTarget
 
 
-@register_method_config
 @dataclass
 class MoCoConfig(MethodConfig):
     name: str = "moco"
@@ -52,42 +52,36 @@ def moco_loss(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature
         return F.cross_entropy(logits, targets)
 
 
-@register_method("moco")
+@register_method(MoCoConfig)
 class MoCo(Method):
     cfg: MoCoConfig
 
-    def __init__(self, cfg: MoCoConfig, full: Config, data: DataInfo):
-        super().__init__(cfg, full, data)
+    def __init__(self, cfg: MoCoConfig, backbone: BackboneFactory, run: RunInfo):
+        super().__init__(cfg, run)
         check_choice("method.augmentation", cfg.augmentation, ("aug+", "moco_v1"))
-        self.views = (cfg.augmentation, cfg.augmentation)
-        backbone, width = new_backbone(full)
+        self.views = ViewLayout.of(cfg.augmentation, cfg.augmentation)
+        net, width = backbone()
         head: nn.Module = mlp([width, width, cfg.dim], batch_norm=False) if cfg.mlp else nn.Linear(width, cfg.dim)
-        self.encoder_q = Encoder(backbone, head)
-        self.encoder_k = make_teacher(self.encoder_q)
-        self.queue = MemoryBank(cfg.queue_size, cfg.dim, init_scale=cfg.queue_init_scale, store_labels=True)
+        self.net = OnlineTarget(net, head)  # query encoder f_q, key encoder f_k = EMA(f_q); no predictor
+        self.queue = MemoryBank(cfg.queue_size, cfg.dim, init_scale=cfg.queue_init_scale, store_ids=True)
 
     @property
     def backbone(self) -> nn.Module:
-        return self.encoder_q.backbone
+        return self.net.backbone
 
-    def training_step(self, views, indices, labels) -> StepOutput:
-        x_q, x_k = views
-        q = F.normalize(self.encoder_q(x_q), dim=1)
-        with torch.no_grad():
-            if self.cfg.shuffle_bn:
-                shuffled, inverse = distributed.batch_shuffle(x_k)
-                k = distributed.batch_unshuffle(F.normalize(self.encoder_k(shuffled), dim=1), inverse)
-            else:
-                k = F.normalize(self.encoder_k(x_k), dim=1)
-            if self.cfg.ema_after_keys:
-                ema_update(self.encoder_k, self.encoder_q, self.cfg.momentum)
+    def training_step(self, batch: Batch) -> StepOutput:
+        x_q, x_k = batch.views
+        q = self.net.query(x_q)
+        k = self.net.target(x_k, self.cfg.shuffle_bn)
+        if self.cfg.ema_after_keys:
+            self.net.update_target(self.cfg.momentum)
         queue = self.queue.snapshot()
         loss = moco_loss(q, k, queue, self.cfg.temperature)
-        self.queue.enqueue(k, labels)
+        self.queue.enqueue(k, batch.indices)
         with torch.no_grad():
             positive_sim = (q * k).sum(1).mean()
         return StepOutput(loss, {"positive_sim": positive_sim})
 
-    def on_after_step(self, progress: float) -> None:
+    def on_after_step(self, progress: Progress) -> None:
         if not self.cfg.ema_after_keys:
-            ema_update(self.encoder_k, self.encoder_q, self.cfg.momentum)
+            self.net.update_target(self.cfg.momentum)

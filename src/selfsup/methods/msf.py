@@ -10,7 +10,7 @@ bank M of past target embeddings. Per step:
 
 The query is pulled towards the mean of its target's neighbourhood. With k = 1 the only neighbour is t_b
 and the loss is BYOL-asym's exactly: :func:`msf_loss` is :func:`byol_loss` on (query, neighbour) pairs.
-Monitor: ``purity``, the mean fraction of NN_b sharing the query's label (≥ 1/k through the self-match).
+Monitor: NN_b (``StepOutput.neighbours``); the engine logs their label purity (≥ 1/k through the self-match).
 """
 
 from __future__ import annotations
@@ -18,14 +18,26 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
-from selfsup.config import Config, ConfigError, MethodConfig, register_method_config
-from selfsup.methods.base import DataInfo, StepOutput, augmentation_views, register_method
-from selfsup.methods.byol import OnlineTarget, byol_loss
+from selfsup.config import MethodConfig
+from selfsup.errors import ConfigError
+from selfsup.methods.base import (
+    BackboneFactory,
+    Batch,
+    Method,
+    Progress,
+    RunInfo,
+    StepOutput,
+    augmentation_views,
+    register_method,
+)
+from selfsup.methods.byol import byol_loss
+from selfsup.models.heads import byol_heads
 from selfsup.nn.memory import MemoryBank
+from selfsup.nn.online_target import OnlineTarget
 
 
-@register_method_config
 @dataclass
 class MSFConfig(MethodConfig):
     name: str = "msf"
@@ -53,22 +65,32 @@ def nearest_to_targets(bank: MemoryBank, t: torch.Tensor, k: int) -> torch.Tenso
         return bank.topk(t.float(), k)[1]
 
 
-@register_method("msf")
-class MSF(OnlineTarget):
+@register_method(MSFConfig)
+class MSF(Method):
     cfg: MSFConfig
 
-    def __init__(self, cfg: MSFConfig, full: Config, data: DataInfo):
-        super().__init__(cfg, full, data)
+    def __init__(self, cfg: MSFConfig, backbone: BackboneFactory, run: RunInfo):
+        super().__init__(cfg, run)
         if not 1 <= cfg.topk <= cfg.bank_size:
             raise ConfigError(f"method.topk={cfg.topk} must be between 1 and method.bank_size={cfg.bank_size}")
         self.views = augmentation_views(cfg.augmentation)
-        self.bank = MemoryBank(cfg.bank_size, self.embedding_dim, store_labels=True)
+        net, width = backbone()
+        projector, predictor, dim = byol_heads(width)
+        self.net = OnlineTarget(net, projector, predictor)
+        self.bank = MemoryBank(cfg.bank_size, dim, store_ids=True)
 
-    def training_step(self, views, indices, labels) -> StepOutput:
-        x_q, x_t = views
-        q = self.query(x_q)
-        t = self.target(x_t, self.cfg.shuffle_bn)
-        self.bank.enqueue(t, labels)  # t joins the bank before the distances
+    @property
+    def backbone(self) -> nn.Module:
+        return self.net.backbone
+
+    def training_step(self, batch: Batch) -> StepOutput:
+        x_q, x_t = batch.views
+        q = self.net.query(x_q)
+        t = self.net.target(x_t, self.cfg.shuffle_bn)
+        self.bank.enqueue(t, batch.indices)  # t joins the bank before the distances
         neighbours = nearest_to_targets(self.bank, t, self.cfg.topk)
         loss = msf_loss(q, self.bank.bank[neighbours].to(q.dtype))
-        return StepOutput(loss, {"purity": self.bank.purity(neighbours, labels)})
+        return StepOutput(loss, neighbours=self.bank.ids[neighbours])
+
+    def on_after_step(self, progress: Progress) -> None:
+        self.net.update_target(self.cfg.momentum)

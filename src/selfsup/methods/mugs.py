@@ -23,26 +23,35 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from selfsup.config import Config, ConfigError, DataConfig, MethodConfig, register_method_config
-from selfsup.data.multicrop import MugsViews, MultiCrop
-from selfsup.methods.base import DataInfo, Method, StepOutput, new_backbone, register_method
+from selfsup.config import MethodConfig
+from selfsup.data.recipes import Choice, ViewLayout, dino_weak, mugs_strong
+from selfsup.engine.schedules import momentum_at, warmup_then_constant
+from selfsup.errors import ConfigError
+from selfsup.methods.base import (
+    BackboneFactory,
+    Batch,
+    Method,
+    ParamGroup,
+    Progress,
+    RunInfo,
+    StepOutput,
+    register_method,
+)
 from selfsup.methods.moco import moco_loss
+from selfsup.models.heads import ContrastiveHead, GroupHead
 from selfsup.models.vit import ViT, set_drop_path
 from selfsup.nn import distributed
-from selfsup.nn.ema import cosine_momentum, ema_update, make_teacher
+from selfsup.nn.ema import ema_update, make_teacher
 from selfsup.nn.memory import MemoryBank
-from selfsup.nn.mugs_parts import ContrastiveHead, GroupHead, LocalGroupMemory
 
 
-@register_method_config
 @dataclass
 class MugsConfig(MethodConfig):
     name: str = "mugs"
@@ -121,12 +130,6 @@ def group_loss(student: list[torch.Tensor], teacher: list[torch.Tensor], center:
     return multicrop_mean(lambda u, v: -(targets[u] * log_probs[v]).sum(dim=-1).mean(), len(student))
 
 
-def teacher_temperatures(warmup_temp: float, temp: float, warmup_epochs: int, epochs: int) -> np.ndarray:
-    """τ_t per epoch: np.linspace(warmup, final, W) for the first W epochs, then the final value."""
-    return np.concatenate([np.linspace(warmup_temp, temp, warmup_epochs),
-                           np.full(max(epochs - warmup_epochs, 1), temp)])
-
-
 @torch.no_grad()
 def clip_per_parameter(parameters: list[nn.Parameter], max_norm: float) -> None:
     """Scale each parameter's gradient to norm ≤ ``max_norm`` on its own (official ``clip_gradients``)."""
@@ -135,7 +138,40 @@ def clip_per_parameter(parameters: list[nn.Parameter], max_norm: float) -> None:
             p.grad.mul_((max_norm / (p.grad.norm() + 1e-6)).clamp(max=1.0))
 
 
+# ------------------------------------------------------------------------------------------------ views
+
+
+def mugs_views(c: MugsConfig) -> ViewLayout:
+    """methods.md §6 "Views", the global side being data.image_size: the teacher's two weak globals (blur 1.0; blur
+    0.1 and solarise 0.2), the student's two globals (per image both fresh weak draws or, with ``strong_prob``, both
+    strong: flip, RandAugment, crop, erasing), and ``local_crops_number`` locals, each strong with ``strong_prob``."""
+    weak_1 = dino_weak("weak_global_1", None, c.global_crops_scale, blur_p=1.0, jitter=c.color_jitter)
+    weak_2 = dino_weak("weak_global_2", None, c.global_crops_scale, blur_p=0.1, solarize_p=0.2, jitter=c.color_jitter)
+    weak_local = dino_weak("weak_local", c.local_crop_size, c.local_crops_scale, blur_p=0.5, jitter=c.color_jitter)
+    strong = mugs_strong("strong_global", None, c.global_crops_scale, c.randaugment, c.strong_ratio, c.random_erasing)
+    strong_local = mugs_strong("strong_local", c.local_crop_size, c.local_crops_scale, c.randaugment, c.strong_ratio,
+                               c.random_erasing)
+    locals_ = [Choice(f"local_{i}_strong", (weak_local,), (strong_local,), c.strong_prob)
+               for i in range(c.local_crops_number)]
+    return ViewLayout.of(weak_1, weak_2, Choice("student_strong", (weak_1, weak_2), (strong, strong), c.strong_prob),
+                         *locals_)
+
+
 # ------------------------------------------------------------------------------------------------ networks
+
+
+def local_group_memory(size: int, dim: int, legacy_ptr_bug: bool = False) -> MemoryBank:
+    """The local-group memory of mean patch tokens: K rows of width D, randn (not normalised, as the official
+    buffer); ``legacy_ptr_bug``: the official pointer, +2B per write that does not wrap."""
+    return MemoryBank(size, dim, init="randn", legacy_ptr_bug=legacy_ptr_bug)
+
+
+@torch.no_grad()
+def memory_neighbours(memory: MemoryBank, query: torch.Tensor, n: int) -> torch.Tensor:
+    """(B, n, D): the ``n`` rows with the largest cosine to each query row (rows as stored), without gradient; the
+    cosines in float32 even under autocast (bf16 would tie rows whose cosines differ by less than 2⁻⁸)."""
+    with torch.autocast(query.device.type, enabled=False):
+        return memory.bank[memory.topk(query.float(), n, cosine=True)[1]]
 
 
 class MugsOutput(NamedTuple):
@@ -169,6 +205,7 @@ class MugsNetwork(nn.Module):
         self.instance_head: ContrastiveHead | None = None
         self.local_group_head: ContrastiveHead | None = None
         self.group_head: GroupHead | None = None
+        self.top_n = cfg.local_group_top_n
         head = partial(ContrastiveHead, dim, cfg.head_hidden_dim, predictor_hidden_dim=cfg.predictor_hidden_dim,
                        norm_before_pred=cfg.norm_before_pred, batch_norm=cfg.use_bn_in_head)
         if on[0]:
@@ -185,13 +222,13 @@ class MugsNetwork(nn.Module):
             self.group_head = GroupHead(dim, cfg.head_hidden_dim, cfg.group_bottleneck_dim, cfg.group_out_dim,
                                         cfg.norm_last_layer, batch_norm=cfg.use_bn_in_head)
 
-    def local_group_token(self, tokens: torch.Tensor, memory: LocalGroupMemory) -> torch.Tensor:
+    def local_group_token(self, tokens: torch.Tensor, memory: MemoryBank) -> torch.Tensor:
         """g = LN_final(relation([a, top-n neighbours of a])[0]), a = mean of all tokens before the final LN."""
         a = tokens.mean(dim=1)
-        neighbours = memory.neighbours(a).to(a.dtype)
+        neighbours = memory_neighbours(memory, a, self.top_n).to(a.dtype)
         return self.vit.norm(self.relation(torch.cat([a.unsqueeze(1), neighbours], dim=1))[:, 0])
 
-    def forward(self, crops: list[torch.Tensor], memory: LocalGroupMemory | None) -> MugsOutput:
+    def forward(self, crops: list[torch.Tensor], memory: MemoryBank | None) -> MugsOutput:
         cls, local_group, memory_tokens = [], [], None
         for batch in by_resolution(crops):
             tokens = self.vit.forward_tokens(batch)
@@ -227,19 +264,22 @@ class MugsNetwork(nn.Module):
 # ------------------------------------------------------------------------------------------------ method
 
 
-@register_method("mugs")
+@register_method(MugsConfig)
 class Mugs(Method):
     cfg: MugsConfig
     center: torch.Tensor
 
-    def __init__(self, cfg: MugsConfig, full: Config, data: DataInfo):
-        super().__init__(cfg, full, data)
+    def __init__(self, cfg: MugsConfig, backbone: BackboneFactory, run: RunInfo):
+        super().__init__(cfg, run)
         if len(cfg.loss_weights) != 3 or not any(w > 0 for w in cfg.loss_weights):
             raise ConfigError(f"method.loss_weights needs three weights, one of them > 0; got {cfg.loss_weights}")
-        vit, dim = new_backbone(full)
+        vit, dim = backbone()
         if not isinstance(vit, ViT):
             raise ConfigError(f"Mugs needs a ViT backbone (model.backbone=vit_tiny|vit_small|vit_base|vit_large), "
-                              f"got {full.model.backbone!r}")
+                              f"got {type(vit).__name__}")
+        if not 0 < cfg.local_group_top_n <= cfg.memory_size:
+            raise ConfigError(f"method.local_group_top_n={cfg.local_group_top_n} must be in [1, method.memory_size="
+                              f"{cfg.memory_size}]")
         on = [w > 0 for w in cfg.loss_weights]
         self.student = MugsNetwork(vit, cfg)
         if cfg.use_bn_in_head and distributed.world_size() > 1:
@@ -253,15 +293,11 @@ class Mugs(Method):
         self.local_group_queue = MemoryBank(cfg.local_group_queue_size, cfg.local_group_out_dim) if on[1] else None
         self.student_memory, self.teacher_memory = None, None
         if on[1]:
-            self.student_memory = LocalGroupMemory(cfg.memory_size, dim, cfg.local_group_top_n,
-                                                   legacy_ptr_bug=cfg.legacy_ptr_bug)
-            self.teacher_memory = LocalGroupMemory(cfg.memory_size, dim, cfg.local_group_top_n,
-                                                   legacy_ptr_bug=cfg.legacy_ptr_bug)
+            self.student_memory = local_group_memory(cfg.memory_size, dim, cfg.legacy_ptr_bug)
+            self.teacher_memory = local_group_memory(cfg.memory_size, dim, cfg.legacy_ptr_bug)
         self.register_buffer("center", torch.zeros(1, cfg.group_out_dim if on[2] else 0))
-        self.teacher_temps = teacher_temperatures(cfg.group_warmup_teacher_temp, cfg.group_teacher_temp,
-                                                  cfg.group_warmup_teacher_temp_epochs, full.train.epochs)
-        self.epoch = 0
-        self.views = ("2 weak teacher globals", "2 weak|strong student globals", f"{cfg.local_crops_number} locals")
+        self.epoch = 0  # of the current step (on_step_start)
+        self.views = mugs_views(cfg)
 
     @property
     def backbone(self) -> nn.Module:
@@ -270,18 +306,12 @@ class Mugs(Method):
 
     @property
     def teacher_temp(self) -> float:
-        return float(self.teacher_temps[min(self.epoch, len(self.teacher_temps) - 1)])
-
-    def build_views(self, data: DataConfig) -> Callable[..., list[torch.Tensor]]:
         c = self.cfg
-        crops = MultiCrop(data.image_size, c.local_crop_size, global_scale=c.global_crops_scale,
-                          local_scale=c.local_crops_scale, mean=data.mean, std=data.std, flip=data.flip,
-                          blur=data.blur, randaugment=c.randaugment, strong_ratio=c.strong_ratio,
-                          erase_prob=c.random_erasing, jitter=c.color_jitter)
-        return MugsViews(crops, c.local_crops_number, c.strong_prob)
+        return warmup_then_constant(c.group_warmup_teacher_temp, c.group_teacher_temp,
+                                    c.group_warmup_teacher_temp_epochs, self.epoch)
 
-    def training_step(self, views, indices, labels) -> StepOutput:
-        *crops, weak = views
+    def training_step(self, batch: Batch) -> StepOutput:
+        crops, weak = batch.views, ~batch.choices["student_strong"]
         teacher_crops, student_crops = crops[:2], crops[2:]
         n = len(student_crops)
         with torch.no_grad():
@@ -302,9 +332,9 @@ class Mugs(Method):
         total = sum(losses.values()) / sum(w for w in self.cfg.loss_weights if w > 0)
 
         if self.student_memory is not None and self.teacher_memory is not None:
-            batch = weak.shape[0]
-            self.student_memory.write(s.memory_tokens[:batch], keep=weak)
-            self.teacher_memory.write(t.memory_tokens[:batch])
+            images = weak.shape[0]  # memory tokens of the first global crop
+            self.student_memory.enqueue(s.memory_tokens[:images].float(), keep=weak)
+            self.teacher_memory.enqueue(t.memory_tokens[:images].float())
         logs = {f"loss_{name}": value.detach() for name, value in losses.items()}
         logs["weak_fraction"] = weak.float().mean()
         with torch.no_grad():  # collapse monitor: √D · mean per-dimension std of n(teacher CLS), ≈ 1 when spread out
@@ -329,10 +359,10 @@ class Mugs(Method):
 
     # ---------------------------------------------------------------------------------------- hooks
 
-    def on_epoch_start(self, epoch: int, loader: Any) -> None:
-        self.epoch = epoch
+    def on_step_start(self, progress: Progress) -> None:
+        self.epoch = progress.epoch
 
-    def on_before_optimizer_step(self) -> None:
+    def on_before_optimizer_step(self, progress: Progress) -> None:
         c = self.cfg
         if c.clip_grad > 0:
             late = c.clip_grad_drop_epoch is not None and self.epoch > c.clip_grad_drop_epoch
@@ -341,12 +371,12 @@ class Mugs(Method):
             for p in self.student.group_head.last_layer.parameters():
                 p.grad = None
 
-    def on_after_step(self, progress: float) -> None:
-        momentum = cosine_momentum(self.cfg.momentum_teacher, progress)
+    def on_after_step(self, progress: Progress) -> None:
+        momentum = momentum_at(self.cfg.momentum_teacher, progress.fraction)
         for teacher_part, student_part in self.teacher.ema_pairs(self.student):
             ema_update(teacher_part, student_part, momentum)
 
-    def parameter_groups(self) -> list[dict[str, Any]]:
+    def parameter_groups(self) -> list[ParamGroup]:
         """AdamW groups as the official code: no weight decay on biases and 1-d (norm) parameters, decay on the
         rest (pos_embed and cls_token included); patch_embed at lr × ``patch_embed_lr_mult``."""
         groups: dict[tuple[bool, bool], list[nn.Parameter]] = {
@@ -355,13 +385,5 @@ class Mugs(Method):
             if p.requires_grad:
                 decay = not (name.endswith(".bias") or p.ndim <= 1)
                 groups[(decay, "patch_embed" in name)].append(p)
-        out = []
-        for (decay, patch_embed), params in groups.items():
-            if params:
-                group: dict[str, Any] = {"params": params}
-                if patch_embed:
-                    group["lr_scale"] = self.cfg.patch_embed_lr_mult
-                if not decay:
-                    group["weight_decay"] = 0.0
-                out.append(group)
-        return out
+        return [ParamGroup(params, lr_scale=self.cfg.patch_embed_lr_mult if patch_embed else 1.0, weight_decay=decay)
+                for (decay, patch_embed), params in groups.items() if params]

@@ -8,30 +8,33 @@ an exported state dict loads into the plain torchvision model.
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 
 import torch
 from torch import nn
 from torchvision import models as tv
 from torchvision.models.resnet import BasicBlock
 
-from selfsup.config import ConfigError, ModelConfig, check_choice
+from selfsup.config import ConfigError, ModelConfig
+from selfsup.registry import BACKBONES
 
 BackboneBuilder = Callable[[ModelConfig], tuple[nn.Module, int]]
-BACKBONES: dict[str, BackboneBuilder] = {}
 
 
 def register_backbone(name: str) -> Callable[[BackboneBuilder], BackboneBuilder]:
-    def wrap(builder: BackboneBuilder) -> BackboneBuilder:
-        BACKBONES[name] = builder
-        return builder
-
-    return wrap
+    """Decorator: make ``model.backbone=<name>`` build ``builder(model_config) -> (module, feature width)``."""
+    return BACKBONES.register(name)
 
 
 def build_backbone(cfg: ModelConfig) -> tuple[nn.Module, int]:
     """The encoder named by ``cfg.backbone`` and the width of its pooled features."""
-    check_choice("model.backbone", cfg.backbone, BACKBONES)
     return BACKBONES[cfg.backbone](cfg)
+
+
+def backbone_factory(cfg: ModelConfig) -> Callable[[], tuple[nn.Module, int]]:
+    """What a method receives: a call that builds a fresh backbone of ``cfg`` (and its feature width)."""
+    BACKBONES[cfg.backbone]  # an unknown name fails now, with a suggestion, not inside the method
+    return partial(build_backbone, cfg)
 
 
 def use_small_stem(net: nn.Module, stem_width: int) -> None:

@@ -2,8 +2,18 @@
 
 As DINO/Mugs build them: pre-norm blocks, MLP ratio 4, qkv bias, LayerNorm eps 1e-6, truncated-normal(0.02)
 weights and tokens, stochastic depth linspace(0, ``model.drop_path_rate``) over the blocks. The position
-embedding is laid out for ``model.vit_image_size`` and resampled bicubically for other input sizes
-(timm's ``dynamic_img_size``), so 96-px local crops and small CPU images pass through the same network.
+embedding is laid out for ``model.vit_image_size``; other input sizes (96-px local crops, small CPU images)
+resample its patch part, the class-token entry kept as is, in one of two ways (``model.pos_embed_resample``):
+
+* ``official`` (default): as sail-sg/mugs ``src/vision_transformer.py`` ``interpolate_pos_encoding`` (DINO's):
+  the n×n grid (1 + n² = the embedding's length) is resized with ``F.interpolate(mode="bicubic",
+  scale_factor=((rows + 0.1) / n, (cols + 0.1) / n))`` (align_corners False, no antialias). The +0.1 makes
+  ``floor(n · scale)`` land on the wanted grid despite rounding; because torch then maps coordinates with the
+  *given* scale factor, not rows / n, the values differ slightly from a resize to the size: 14 → 6 samples
+  the source at (i + 0.5)·14/6.1 − 0.5, not (i + 0.5)·14/6 − 0.5. The grid it was laid out for is used
+  unchanged (the official test is on the image: square with as many patches; Mugs' crops are square).
+* ``timm``: timm's ``resample_abs_pos_embed`` (``dynamic_img_size``): bicubic to the size, antialiased when
+  shrinking.
 
 ``forward`` maps images to the CLS token after the final LayerNorm (what kNN and export use). The extra
 views Mugs and the evaluations need: :meth:`ViT.forward_tokens` (all tokens after the last block, *before*
@@ -13,15 +23,19 @@ the final norm), :meth:`ViT.last_blocks_cls` (normed CLS of the last n blocks, t
 
 from __future__ import annotations
 
+import math
 from functools import partial
 
 import torch
+import torch.nn.functional as F
 from timm.layers import DropPath
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from selfsup.config import ModelConfig
+from selfsup.config import ModelConfig, check_choice
 from selfsup.models.backbones import register_backbone
+
+POS_EMBED_RESAMPLES = ("official", "timm")
 
 # (patch size, width, depth, heads); vit_tiny is the CPU preset: DeiT-Ti widths with 4-px patches
 VIT_PRESETS: dict[str, tuple[int, int, int, int]] = {
@@ -32,16 +46,43 @@ VIT_PRESETS: dict[str, tuple[int, int, int, int]] = {
 }
 
 
+def resample_pos_embed_official(pos_embed: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """(1, 1 + n², D) class + n×n patch position embeddings → (1, 1 + rows·cols, D) for a rows×cols token grid,
+    with the DINO/Mugs arithmetic (module docstring); the class-token entry is kept as is. The n×n grid itself
+    is returned unchanged, as the official early exit (a resize with scale (n + 0.1)/n would alter it)."""
+    side = math.sqrt(pos_embed.shape[1] - 1)
+    n, dim = int(side), pos_embed.shape[-1]
+    rows, cols = grid
+    if rows == cols == n and n * n == pos_embed.shape[1] - 1:
+        return pos_embed
+    patches = pos_embed[:, 1:].reshape(1, n, n, dim).permute(0, 3, 1, 2)
+    patches = F.interpolate(patches, scale_factor=((rows + 0.1) / side, (cols + 0.1) / side), mode="bicubic",
+                            align_corners=False)
+    if patches.shape[-2:] != (rows, cols):  # the +0.1 guards against this; a failure would misplace every token
+        raise RuntimeError(f"position-embedding resampling {n}x{n} -> {rows}x{cols} gave {tuple(patches.shape[-2:])}")
+    return torch.cat((pos_embed[:, :1], patches.permute(0, 2, 3, 1).reshape(1, rows * cols, dim)), dim=1)
+
+
 class ViT(VisionTransformer):
     """timm's VisionTransformer without a classifier; parameter names are timm's (and DINO's/Mugs')."""
 
     def __init__(self, *, image_size: int, patch_size: int, embed_dim: int, depth: int, num_heads: int,
-                 drop_path_rate: float = 0.0):
+                 drop_path_rate: float = 0.0, pos_embed_resample: str = "official"):
+        check_choice("model.pos_embed_resample", pos_embed_resample, POS_EMBED_RESAMPLES)
         super().__init__(img_size=image_size, patch_size=patch_size, num_classes=0, global_pool="token",
                          embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=4.0, qkv_bias=True,
                          norm_layer=partial(nn.LayerNorm, eps=1e-6), drop_path_rate=drop_path_rate,
-                         dynamic_img_size=True)
+                         dynamic_img_size=True)  # patch tokens come as (B, rows, cols, D), any input size
+        self.pos_embed_resample = pos_embed_resample
         nn.init.trunc_normal_(self.cls_token, std=0.02)  # DINO/Mugs; timm draws it with std 1e-6
+
+    def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Prepend the class token and add the position embedding, resampled for this grid (module docstring)."""
+        if self.pos_embed_resample == "timm":
+            return super()._pos_embed(x)
+        batch, rows, cols, dim = x.shape
+        x = torch.cat((self.cls_token.expand(batch, -1, -1), x.reshape(batch, rows * cols, dim)), dim=1)
+        return self.pos_drop(x + resample_pos_embed_official(self.pos_embed, (rows, cols)))
 
     def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 1 + N, D): CLS and patch tokens after the last block, before the final LayerNorm."""
@@ -113,7 +154,8 @@ def set_drop_path(module: nn.Module, rate: float) -> None:
 def build_vit(name: str, cfg: ModelConfig) -> tuple[ViT, int]:
     patch, width, depth, heads = VIT_PRESETS[name]
     net = ViT(image_size=cfg.vit_image_size, patch_size=cfg.patch_size or patch, embed_dim=cfg.embed_dim or width,
-              depth=cfg.depth or depth, num_heads=cfg.num_heads or heads, drop_path_rate=cfg.drop_path_rate)
+              depth=cfg.depth or depth, num_heads=cfg.num_heads or heads, drop_path_rate=cfg.drop_path_rate,
+              pos_embed_resample=cfg.pos_embed_resample)
     return net, net.embed_dim
 
 

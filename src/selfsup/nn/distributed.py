@@ -75,6 +75,21 @@ def gather(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
+@torch.no_grad()
+def gather_uneven(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``x`` from every rank along dim 0, in rank order, when the ranks hold different numbers of rows
+    (e.g. shards of a data set that does not divide evenly); ``x`` alone if single."""
+    size = world_size()
+    if size == 1:
+        return x
+    lengths = gather(torch.tensor([x.shape[0]], device=x.device))
+    longest = int(lengths.max())
+    padded = x.new_zeros((longest, *x.shape[1:]))
+    padded[:x.shape[0]] = x
+    everything = gather(padded).reshape(size, longest, *x.shape[1:])
+    return torch.cat([everything[r, :n] for r, n in enumerate(lengths.tolist())])
+
+
 def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
     if world_size() == 1:
         return x

@@ -1,9 +1,9 @@
-"""Momentum (EMA) teachers: θ_t ← m·θ_t + (1−m)·θ_o over parameter pairs, and the cosine ramp of m."""
+"""Momentum (EMA) teachers: θ_t ← m·θ_t + (1−m)·θ_o over parameter pairs (the momentum schedule is
+:func:`selfsup.engine.schedules.momentum_at`)."""
 
 from __future__ import annotations
 
 import copy
-import math
 
 import torch
 from torch import nn
@@ -29,7 +29,3 @@ def ema_update(teacher: nn.Module, online: nn.Module, momentum: float) -> None:
         raise ValueError(f"teacher has {len(t_params)} parameters, online network {len(o_params)}")
     torch._foreach_lerp_(t_params, [p.detach() for p in o_params], 1.0 - momentum)
 
-
-def cosine_momentum(base: float, progress: float, final: float = 1.0) -> float:
-    """BYOL/DINO ramp: m = final − (final − base)·(1 + cos(π·progress))/2, progress in [0, 1]."""
-    return final - (final - base) * (1.0 + math.cos(math.pi * progress)) / 2.0
