@@ -112,13 +112,24 @@ def test_every_method_trains_under_bf16_and_channels_last_close_to_fp32(tmp_path
     assert abs(losses[0] - reference[0]) <= loss_tolerance(method), (losses[0], reference[0])
 
 
-def test_batch_augmentation_on_the_device_under_bf16(tmp_path):
-    """data.augment=batch: the views come from tensor ops on the training device, then the bf16 step."""
-    reference, _ = train(tmp_path / "fp32", "moco", "data.augment=batch", *FP32)
-    losses, seen = train(tmp_path / "bf16", "moco", "data.augment=batch", *BF16)
+def test_split_batchnorm_under_bf16_and_channels_last(tmp_path):
+    """model.bn_splits (one GPU emulating several: per-split BatchNorm statistics) regroups the batch of a
+    channels_last bf16 activation; the step must match fp32 as the plain one does."""
+    reference, _ = train(tmp_path / "fp32", "moco", "model.bn_splits=2", *FP32)
+    losses, seen = train(tmp_path / "bf16", "moco", "model.bn_splits=2", *BF16)
+    assert seen == {(True, torch.bfloat16)} and all(math.isfinite(x) for x in losses)
+    assert abs(losses[0] - reference[0]) <= loss_tolerance("moco"), (losses[0], reference[0])
+
+
+@pytest.mark.parametrize("method", ["moco", "mugs"])
+def test_batch_augmentation_on_the_device_under_bf16(tmp_path, method):
+    """data.augment=batch: the views come from tensor ops on the training device (Mugs: its multi-crop, with
+    RandAugment and erasing in the device stage), then the bf16 step."""
+    reference, _ = train(tmp_path / "fp32", method, "data.augment=batch", *FP32)
+    losses, seen = train(tmp_path / "bf16", method, "data.augment=batch", *BF16)
     assert seen == {(True, torch.bfloat16)}
     assert all(math.isfinite(x) for x in losses)
-    assert abs(losses[0] - reference[0]) <= loss_tolerance("moco"), (losses[0], reference[0])
+    assert abs(losses[0] - reference[0]) <= loss_tolerance(method), (losses[0], reference[0])
 
 
 def test_compiled_moco_trains_under_bf16_and_channels_last(tmp_path):
