@@ -105,8 +105,8 @@ class Sizes:
     train_images: int = EPOCH_IMAGES
     test_images: int = 1000
     photo_sides: tuple[int, int] = (250, 500)
-    photo_warmup: int = 3
-    photo_steps: int = 8
+    photo_warmup: int = 4  # the workers' first batches arrive together: past them, the steady state
+    photo_steps: int = 12
     knn: tuple[int, int, int] = (IMAGENET, 2048, 50_000)  # memory rows, width, queries
     sinkhorn: tuple[int, int, int] = (IMAGENET, 3000, 2048)  # samples, clusters, feature width
     probe_fraction: int = 16
@@ -121,7 +121,7 @@ class Sizes:
     })
 
 
-QUICK = {"warmup": 3, "steps": 10, "dist_steps": 10, "photo_steps": 4, "probe_fraction": 32,
+QUICK = {"warmup": 3, "steps": 10, "dist_steps": 10, "photo_steps": 6, "probe_fraction": 32,
          "readme_large_methods": ("moco",)}
 
 CPU = Sizes(
@@ -347,7 +347,7 @@ class Check:
         s = self.sizes
         image_size = image_size or s.image_size
         steps = steps or s.warmup + s.steps
-        workers = 0 if self.device.type == "cpu" else min(8, os.cpu_count() or 1)
+        workers = 0 if self.device.type == "cpu" else max(2, min(16, os.cpu_count() or 1) - 2)  # all but 2 cores
         return [
             f"method={method}", f"model.backbone={backbone or s.backbone}",
             f"model.small_stem={str(image_size < 128).lower()}",  # the CIFAR stem below 128 px, as throughput.py
