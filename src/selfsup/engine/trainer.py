@@ -8,9 +8,11 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import platform
 import random
 import re
+import shutil
 import signal
 import sys
 import threading
@@ -45,10 +47,21 @@ from selfsup.engine.schedules import (
     scaled_lr,
     weight_decay_at,
 )
-from selfsup.methods import Batch, Embedding, EmbedRequest, Method, ParamGroup, Progress, RunInfo, build_method
+from selfsup.methods import (
+    Batch,
+    Embedding,
+    EmbedRequest,
+    Method,
+    ParamGroup,
+    Progress,
+    RunInfo,
+    StepOutput,
+    build_method,
+)
 from selfsup.models.backbones import backbone_factory
 from selfsup.nn import distributed
 from selfsup.nn.split_bn import apply_bn_splits, check_bn_splits
+from selfsup.tracking import MultiTracker, build_trackers, write_environment
 
 CHECKPOINT_FORMAT = 2  # 2: methods hold their online/target pair as ``net`` and memory banks store dataset indices
 
@@ -132,6 +145,7 @@ class Trainer:
         self.clock = clock
         self.step_callbacks: list[Callable[[Trainer], None]] = []  # called after every step (benchmarks)
         self.preemption_signals = PREEMPTION_SIGNALS  # a launcher may add its own (submitit's USR2)
+        self.tracker: MultiTracker | None = None  # the tracking back ends, during fit() on rank 0
         self._setup_process()
         self._build_data()
         self._build_method()
@@ -211,9 +225,12 @@ class Trainer:
     def _build_model(self) -> None:
         t = self.cfg.train
         self.channels_last = t.channels_last if t.channels_last is not None else self.device.type == "cuda"
-        splits = self.cfg.model.bn_splits
+        splits, micro = self.cfg.model.bn_splits, t.accumulate_steps
+        if micro < 1 or self.batch_per_rank % micro:
+            raise ConfigError(f"train.accumulate_steps={micro} must be at least 1 and divide the per-process batch "
+                              f"({self.batch_per_rank} = train.batch_size / processes) into equal micro-batches")
         try:
-            check_bn_splits(splits, t.batch_size, self.dist.world_size, t.sync_bn)
+            check_bn_splits(splits, t.batch_size // micro, self.dist.world_size, t.sync_bn)  # per micro-batch
             apply_bn_splits(self.method, splits)  # per-"GPU" statistics in every BatchNorm of the method
         except ValueError as error:
             raise ConfigError(str(error)) from None
@@ -228,10 +245,12 @@ class Trainer:
         self.optimizer = self._optimizer(self.param_groups)
         self.base_lr = scaled_lr(self.cfg.optim, t.batch_size)
         self.model: torch.nn.Module = self.method
+        self.ddp: DistributedDataParallel | None = None
         if self.dist.world_size > 1:
-            self.model = DistributedDataParallel(
+            self.ddp = DistributedDataParallel(
                 self.method, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 broadcast_buffers=False)
+            self.model = self.ddp
         if t.compile:
             self.model = torch.compile(self.model)
 
@@ -307,15 +326,26 @@ class Trainer:
         torch.set_rng_state(state["rng_cpu"])
         if "rng_cuda" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng_cuda"])
-        if self.is_main:
-            print(f"resumed from {path} at epoch {self.epoch}, step {self.step}", flush=True)
+        self.say(f"resumed from {path} at epoch {self.epoch}, step {self.step}")
 
     # ------------------------------------------------------------------ one step
 
     def log(self, record: dict[str, Any]) -> None:
+        """One record into ``metrics.jsonl`` (rank 0) and the numbers into the tracking back ends."""
         if self.is_main:
             with open(self.run_dir / "metrics.jsonl", "a") as handle:
                 handle.write(json.dumps(record) + "\n")
+            if self.tracker is not None:
+                values = {key: value for key, value in record.items() if key != "step"}
+                self.tracker.log_scalars(int(record.get("step", self.step)), values)
+
+    def say(self, message: str, *, error: bool = False) -> None:
+        """Show ``message`` (rank 0; above the progress bar) and keep it in the run's ``train.log``."""
+        if not self.is_main:
+            return
+        tqdm.write(message, file=sys.stderr if error else sys.stdout)
+        with open(self.run_dir / "train.log", "a") as handle:
+            handle.write(message + "\n")
 
     @property
     def progress(self) -> Progress:
@@ -366,16 +396,12 @@ class Trainer:
             group["weight_decay"] = weight_decay if options.weight_decay else 0.0
         return lr
 
-    def train_step(self, batch: Batch) -> tuple[Any, float]:
+    def train_step(self, batch: Batch) -> tuple[StepOutput, float]:
         self._embed_if_requested()
         self.method.on_step_start(self.progress)
         lr = self._apply_schedules()
-        with self.autocast():
-            out = self.model(batch)
-        if out.neighbours is not None and self.targets is not None:
-            out.logs["purity"] = neighbour_purity(out.neighbours, batch.indices, self.targets)
         self.optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
+        out = self._forward_backward(batch)
         self.method.on_before_optimizer_step(self.progress)
         self.optimizer.step()
         self.step += 1
@@ -385,6 +411,29 @@ class Trainer:
         self.method.on_after_step(self.progress)
         self._log_reports()
         return out, lr
+
+    def _forward_backward(self, batch: Batch) -> StepOutput:
+        """Loss and gradients of one step's batch; with ``train.accumulate_steps=n`` in n micro-batches, each
+        forward on its own (BatchNorm statistics, queue and memory-bank writes per micro-batch), each loss weighted
+        by its share of the batch so the gradients are those of the batch's mean loss, DDP synchronising once."""
+        parts = batch.split(self.cfg.train.accumulate_steps)
+        outs = []
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            with self.ddp.no_sync() if self.ddp is not None and not last else nullcontext():
+                with self.autocast():
+                    out = self.model(part)
+                if out.neighbours is not None and self.targets is not None:
+                    out.logs["purity"] = neighbour_purity(out.neighbours, part.indices, self.targets)
+                (out.loss * (len(part.indices) / len(batch.indices)) if len(parts) > 1 else out.loss).backward()
+            outs.append(out)
+        if len(outs) == 1:
+            return outs[0]
+        weights = [len(part.indices) / len(batch.indices) for part in parts]
+        loss = sum(w * o.loss.detach() for w, o in zip(weights, outs, strict=True))
+        logs = {key: sum(w * o.logs[key].detach().float() for w, o in zip(weights, outs, strict=True))
+                for key in outs[0].logs}
+        return StepOutput(loss, logs)
 
     # ------------------------------------------------------------------ the embedding service
 
@@ -418,8 +467,7 @@ class Trainer:
     def _log_reports(self) -> None:
         for record in self.method.take_reports():
             self.log({"step": self.step, **record})
-            if self.is_main:
-                tqdm.write(f"{self.cfg.method.name}: " + " ".join(f"{k}={v}" for k, v in record.items()))
+            self.say(f"{self.cfg.method.name}: " + " ".join(f"{k}={v}" for k, v in record.items()))
 
     # ------------------------------------------------------------------ the loop
 
@@ -435,15 +483,23 @@ class Trainer:
         saves and raises :class:`Preempted`; the same command with ``train.resume=auto`` (or ``--resume RUN``)
         continues."""
         previous = self._catch_preemption()
+        if self.is_main:
+            write_environment(self.run_dir)
+            self.tracker = build_trackers(self.cfg.log.backends, self.run_dir, self.run_dir.name, self.cfg.to_dict())
         try:
-            self._train()
+            try:
+                self._train()
+            finally:
+                for signum, handler in previous.items():
+                    signal.signal(signum, handler)
+            results: dict[str, Any] = {}
+            for callback in self.callbacks:
+                results.update(callback.on_train_end(self) or {})
+            return results
         finally:
-            for signum, handler in previous.items():
-                signal.signal(signum, handler)
-        results: dict[str, Any] = {}
-        for callback in self.callbacks:
-            results.update(callback.on_train_end(self) or {})
-        return results
+            if self.tracker is not None:
+                self.tracker.close()
+                self.tracker = None
 
     def _catch_preemption(self) -> dict:
         self._signal: int | None = None
@@ -461,8 +517,7 @@ class Trainer:
 
     def _train(self) -> None:
         t = self.cfg.train
-        if self.is_main:
-            print(f"run folder: {self.run_dir}\n{self._summary()}\n{format_config(self.cfg)}", flush=True)
+        self.say(f"run folder: {self.run_dir}\n{self._summary()}\n{format_config(self.cfg)}")
         o = self.cfg.optim
         self.log({"lr_scaling": lr_scaling_in_effect(o), "optim_lr": o.lr,
                   "reference_batch_size": o.reference_batch_size, "batch_size": t.batch_size, "base_lr": self.base_lr})
@@ -524,8 +579,7 @@ class Trainer:
         message = (f"stopped by signal {self._signal} at step {self.step}; checkpoint saved in "
                    f"{self.run_dir}. Resume with: selfsup train --resume {self.run_dir}")
         self.log({"preempted_at_step": self.step})
-        if self.is_main:
-            print(message, file=sys.stderr, flush=True)
+        self.say(message, error=True)
         raise Preempted(message)
 
     def _end_epoch(self, elapsed: float, seen: int, loss_sum: torch.Tensor, log_sums: dict[str, torch.Tensor]) -> None:
@@ -542,12 +596,29 @@ class Trainer:
         for callback in self.callbacks:
             callback.on_epoch_end(self, summary)
         self.log(summary)
-        if self.is_main:
-            scores = " ".join(f"{k}={v:.4g}" for k, v in summary.items() if k != "epoch_end")
-            print(f"epoch {self.epoch}/{self.planned_epochs}: {scores}", flush=True)
+        scores = " ".join(f"{k}={v:.4g}" for k, v in summary.items() if k != "epoch_end")
+        self.say(f"epoch {self.epoch}/{self.planned_epochs}: {scores}")
         if self.epoch % self.cfg.train.checkpoint_every_epochs == 0 or self.epoch == self.planned_epochs:
             self.save()
+            self._keep_epoch_checkpoint()
             self._last_save = self.clock()
+
+    def _keep_epoch_checkpoint(self) -> None:
+        """``train.keep_checkpoints=N``: a copy of this epoch's checkpoint (a hard link where the disk allows), and
+        only the last N such copies."""
+        keep = self.cfg.train.keep_checkpoints
+        if keep <= 0 or not self.is_main or not self.checkpoint_path.is_file():
+            return
+        copy_path = self.run_dir / f"checkpoint-epoch{self.epoch}.pt"
+        copy_path.unlink(missing_ok=True)
+        try:
+            os.link(self.checkpoint_path, copy_path)
+        except OSError:
+            shutil.copyfile(self.checkpoint_path, copy_path)
+        kept = sorted(self.run_dir.glob("checkpoint-epoch*.pt"),
+                      key=lambda path: int(path.stem.removeprefix("checkpoint-epoch")))
+        for old in kept[:-keep]:
+            old.unlink(missing_ok=True)
 
     @property
     def planned_epochs(self) -> int:

@@ -10,7 +10,6 @@ import json
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
 from selfsup.config import Config
 from selfsup.engine.trainer import Callback, Trainer
@@ -52,7 +51,7 @@ class Evaluation(Callback):
                                                    seed=self.cfg.train.seed)
         trainer.log({"step": trainer.step, **{f"label_{k}": v for k, v in self.assignment_scores.items()}})
         shown = " ".join(f"{k}={v:.2f}" for k, v in self.assignment_scores.items())
-        tqdm.write(f"cluster assignments vs labels: {shown}")
+        trainer.say(f"cluster assignments vs labels: {shown}")
 
     def on_epoch_end(self, trainer: Trainer, summary: dict[str, Any]) -> None:
         every = self.cfg.eval.monitor_every_epochs
@@ -66,9 +65,22 @@ class Evaluation(Callback):
         results = self.evaluate(trainer, e.protocols, random_init=e.compare_random_init)
         with open(trainer.run_dir / "eval.json", "w") as handle:
             json.dump(results, handle, indent=2)
-        print(format_scores(results), flush=True)
-        print(f"run folder: {trainer.run_dir}", flush=True)
+        trainer.say(format_scores(results))
+        trainer.say(f"run folder: {trainer.run_dir}")
+        if trainer.tracker is not None:
+            trainer.tracker.log_scores(results, trainer.step)
+            if self.cfg.log.figures:
+                self.log_curves(trainer)
         return results
+
+    @staticmethod
+    def log_curves(trainer: Trainer) -> None:
+        """The report's training curves (loss, lr, monitors) as images in the tracking back ends."""
+        from selfsup.eval.report import curve_figures, read_metrics, split_records
+
+        steps, epochs = split_records(read_metrics(trainer.run_dir))
+        for title, png in curve_figures(steps, epochs):
+            trainer.tracker.log_image(f"curves/{title}", png, trainer.step)
 
     def evaluate(self, trainer: Trainer, protocols: list[str], *, random_init: bool,
                  quiet: bool = False) -> dict[str, dict]:
