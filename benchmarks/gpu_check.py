@@ -481,6 +481,25 @@ def two_stage_photos(check: Check, cap: float) -> dict[str, Any]:
     return figures
 
 
+def gpu_decode_photos(check: Check, cap: float) -> dict[str, Any]:
+    """The same photos and model with ``data.decode=gpu``: the workers read the JPEG bytes, nvjpeg decodes the batch
+    on the GPU (``torchvision.io.decode_jpeg``), crops and stage 2 run there too."""
+    if check.device.type != "cuda":
+        return {"status": "skipped", "note": "data.decode=gpu needs CUDA (nvjpeg)"}
+    s = check.sizes
+    count = (s.photo_warmup + s.photo_steps + 1) * s.large_batch
+    folder = write_photos(check.work / "photos", count, s.photo_sides)
+    words = check.words("readme:gpu_decode_photos", "moco", backbone=s.large_backbone, image_size=s.large_image_size,
+                        batch=s.large_batch, steps=s.photo_warmup + s.photo_steps)
+    figures = check.train("readme:gpu_decode_photos",
+                          [*words, "data.name=imagefolder", f"data.path={folder}", "data.decode=gpu"],
+                          warmup=s.photo_warmup, steps=s.photo_steps)
+    worker = check.section("readme:two_stage_photos") or {}
+    if worker.get("status") == "ok":
+        figures["vs_worker_decode"] = round(figures["images_per_s"] / worker["images_per_s"], 3)
+    return figures
+
+
 def compile_section(check: Check, cap: float) -> dict[str, Any]:
     reason = compiler_missing(check.device)
     if reason:
@@ -647,6 +666,7 @@ def sections_for(check: Check) -> list[Section]:
     out += [Section(f"readme:{m}_r18_b512", readme_r18(m), cap(60), 8) for m in ("moco", "byol")]
     out += [Section(f"readme:{m}_r50_224", readme_r50(m), cap(90), 10) for m in check.sizes.readme_large_methods]
     out += [Section("readme:two_stage_photos", two_stage_photos, cap(120), 10),
+            Section("readme:gpu_decode_photos", gpu_decode_photos, cap(90), 10),
             Section("torchrun", torchrun_section, cap(150), 30),
             Section("compile", compile_section, cap(240), 40),
             Section("knn", knn_section, cap(90), 10),
@@ -734,7 +754,8 @@ def markdown(results: dict[str, Any]) -> str:
 
 
 README_ROWS = {"readme:moco_r18_b512": "MoCo-v2", "readme:byol_r18_b512": "BYOL-asym", "readme:moco_r50_224": "MoCo-v2",
-               "readme:byol_r50_224": "BYOL-asym", "readme:two_stage_photos": "MoCo-v2", "compile": "MoCo-v2"}
+               "readme:byol_r50_224": "BYOL-asym", "readme:two_stage_photos": "MoCo-v2",
+               "readme:gpu_decode_photos": "MoCo-v2", "compile": "MoCo-v2"}
 
 
 def readme_table(results: dict[str, Any]) -> str:
@@ -747,7 +768,8 @@ def readme_table(results: dict[str, Any]) -> str:
         r = sections.get(name, {})
         if r.get("status") != "ok":
             continue
-        data = "JPEG photos, two-stage data path" if name.endswith("photos") else "on-device augmentation"
+        data = ("JPEG photos, nvjpeg decode on the GPU" if name == "readme:gpu_decode_photos" else
+                "JPEG photos, two-stage data path" if name.endswith("photos") else "on-device augmentation")
         title = f"{method}, {r['backbone']}, {r['image_size']} px, batch {r['batch']}, {data}"
         if name == "compile":
             title += f", torch.compile (compiled in {show(r.get('compile_s', r['first_step_s']))} s)"

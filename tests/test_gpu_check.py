@@ -32,7 +32,9 @@ def test_dry_run_records_every_section_with_finite_figures(dry_run):
     assert json.loads((out / "gpu_check.json").read_text()) == results
     assert results["finished"] and results["environment"]["device_type"] == "cpu"
     sections = results["sections"]
-    assert list(sections) == [*TRAINING, "readme:two_stage_photos", "torchrun", "knn", "sinkhorn", "compile"]  # quick
+    assert list(sections) == [*TRAINING, "readme:two_stage_photos", "readme:gpu_decode_photos", "torchrun", "knn",
+                              "sinkhorn", "compile"]  # quick
+    assert sections["readme:gpu_decode_photos"] == {"status": "skipped", "note": "data.decode=gpu needs CUDA (nvjpeg)"}
     for name in TRAINING:
         r = sections[name]
         assert r["status"] == "ok", (name, r)

@@ -47,7 +47,7 @@ class ViewDataset(Dataset):
         opener = getattr(self.base, "open", None) if self.lazy else None
         image, label = opener(index) if opener is not None else self.base[index]
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+            torch.default_generator.manual_seed(seed)  # the CPU generator only: no lazy CUDA seeding per sample
             views = self.make_views(image)
         views, choices = views if isinstance(views, tuple) else (views, {})
         return views, choices, index, label

@@ -17,6 +17,7 @@ the batched ops follow torchvision's tensor kernels (see :mod:`selfsup.data.batc
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,6 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 from torch.utils.data import Dataset, default_collate
-from torchvision.transforms import RandomResizedCrop
 from torchvision.transforms import functional as TF
 from torchvision.transforms.functional import pil_to_tensor
 
@@ -45,10 +45,38 @@ DeviceStep = Callable[[object, Choices, torch.Generator], list[Tensor]]  # loade
 # ---------------------------------------------------------------------------------------------- stage 1
 
 
-def crop_box(height: int, width: int, crop: R.ResizedCrop) -> tuple[int, int, int, int]:
-    """(top, left, height, width) with torchvision's RandomResizedCrop law and draws, for an image of that size."""
-    shape_only = torch.empty(1, 1, 1).expand(1, height, width)  # no pixels: get_params reads the size
-    return tuple(RandomResizedCrop.get_params(shape_only, list(crop.scale), list(crop.ratio)))  # type: ignore[return-value]
+def crop_box(height: int, width: int, scale: Sequence[float], ratio: Sequence[float], u: Sequence[float],
+             attempts: int = 10) -> tuple[int, int, int, int]:
+    """(top, left, height, width) with RandomResizedCrop's law from ``2 * attempts + 2`` uniform draws ``u``: the first
+    of ``attempts`` (area fraction, log-aspect) candidates that fits, at a uniform position, else torchvision's
+    central fallback (the aspect clipped to ``ratio``)."""
+    area = height * width
+    lo, hi = math.log(ratio[0]), math.log(ratio[1])
+    for a in range(attempts):
+        target = area * (scale[0] + (scale[1] - scale[0]) * u[2 * a])
+        aspect = math.exp(lo + (hi - lo) * u[2 * a + 1])
+        w, h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            top = min(int(u[-2] * (height - h + 1)), height - h)
+            left = min(int(u[-1] * (width - w + 1)), width - w)
+            return top, left, h, w
+    if width / height < min(ratio):
+        w, h = width, round(width / min(ratio))
+    elif width / height > max(ratio):
+        h, w = height, round(height * max(ratio))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def crop_boxes_and_flips(height: int, width: int, recipes: Sequence[R.Recipe]) -> tuple[list[tuple], list[bool]]:
+    """Every view's crop box (:func:`crop_box`) and flip for one image of that size, from one draw of uniforms."""
+    draws = 2 * 10 + 2
+    u = torch.rand(len(recipes), draws + 1).tolist()
+    boxes = [crop_box(height, width, r.crop.scale, r.crop.ratio, row[:draws])
+             for r, row in zip(recipes, u, strict=True)]
+    flips = [row[draws] < r.flip_p for r, row in zip(recipes, u, strict=True)]
+    return boxes, flips
 
 
 class StagedViews:
@@ -83,8 +111,7 @@ class StagedViews:
     def __call__(self, image: Image.Image) -> tuple[list[Tensor], Choices]:
         recipes, choices = self.draw_choices()
         height, width = oriented_size(image)  # from the header of a lazily opened file
-        boxes = [crop_box(height, width, recipe.crop) for recipe in recipes]
-        flips = [recipe.flip_p > 0 and torch.rand(()).item() < recipe.flip_p for recipe in recipes]
+        boxes, flips = crop_boxes_and_flips(height, width, recipes)
         views: list[Tensor] = [torch.empty(0)] * len(recipes)
         for interpolation in dict.fromkeys(recipe.crop.interpolation for recipe in recipes):
             chosen = [k for k, recipe in enumerate(recipes) if recipe.crop.interpolation == interpolation]
@@ -183,9 +210,8 @@ class EncodedViews:
             raise ImageLoadError(f"data.decode=gpu decodes JPEG files only; {name or 'an in-memory image'} is "
                                  f"{image.format or 'not a file'}: use data.decode=cpu")
         recipes, choices = self.staged.draw_choices()
-        height, width = oriented_size(image)
-        boxes = torch.tensor([crop_box(height, width, recipe.crop) for recipe in recipes], dtype=torch.int64)
-        flips = torch.tensor([recipe.flip_p > 0 and torch.rand(()).item() < recipe.flip_p for recipe in recipes])
+        boxes, flips = crop_boxes_and_flips(*oriented_size(image), recipes)
+        boxes, flips = torch.tensor(boxes, dtype=torch.int64), torch.tensor(flips)
         data = torch.frombuffer(bytearray(Path(name).read_bytes()), dtype=torch.uint8)
         return (data, torch.tensor(orientation(image)), boxes, flips), choices
 
