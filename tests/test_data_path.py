@@ -280,3 +280,27 @@ def test_gpu_decode_route_matches_the_worker_route_on_the_cpu(tmp_path):
     with pytest.raises(Exception, match="decodes JPEG files only"):
         gpu_decoded_views(layout, data, with_png).dataset[(with_png.paths.index(str(tmp_path / "train" / "a" /
                                                                                    "z.png")), 0)]
+
+
+def test_stage_one_crop_boxes_follow_random_resized_crops_law():
+    from selfsup.data.pipeline import crop_boxes_and_flips
+
+    n = 6000
+    bound = 2.0 * math.sqrt(2 / n)  # KS at p < 0.001
+    for (h, w), scale in [((60, 80), (0.2, 1.0)), ((24, 200), (0.08, 1.0))]:
+        recipe = R.Recipe("c", (R.ResizedCrop(16, scale), R.Flip()))
+        torch.manual_seed(0)
+        ours, flips = crop_boxes_and_flips(h, w, [recipe] * n)
+        ours = torch.tensor(ours, dtype=torch.float64)
+        torch.manual_seed(1)
+        shape_only = torch.empty(1, 1, 1).expand(1, h, w)
+        ref = torch.tensor([T.RandomResizedCrop.get_params(shape_only, list(scale), [3 / 4, 4 / 3]) for _ in range(n)],
+                           dtype=torch.float64)
+        assert ((ours[:, 0] >= 0) & (ours[:, 0] + ours[:, 2] <= h) & (ours[:, 1] + ours[:, 3] <= w)).all()
+        def laws(b: torch.Tensor, h: int = h, w: int = w) -> list[torch.Tensor]:  # area, log aspect, positions
+            return [b[:, 2] * b[:, 3], torch.log(b[:, 3] / b[:, 2]), b[:, 0] / (h - b[:, 2] + 1),
+                    b[:, 1] / (w - b[:, 3] + 1)]
+
+        for a, b in zip(laws(ours), laws(ref), strict=True):
+            assert ks(a.numpy(), b.numpy()) < bound
+        assert abs(np.mean(flips) - 0.5) < 4 * math.sqrt(0.25 / n)
