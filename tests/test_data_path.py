@@ -16,7 +16,7 @@ from torchvision import transforms as T
 from conftest import tiny_config
 from selfsup.data import batch_augment as A
 from selfsup.data import recipes as R
-from selfsup.data.pipeline import StagedViews, training_views
+from selfsup.data.pipeline import StagedViews, crop_boxes_and_flips, training_views
 from selfsup.data.transforms import PerImageViews, pil_transform
 from selfsup.engine.trainer import Trainer
 
@@ -119,8 +119,7 @@ def test_stage_one_is_torchvisions_crop_and_flip_for_fixed_draws(tmp_path):
     torch.manual_seed(3)
     (got,), _ = staged(image)
     torch.manual_seed(3)
-    box = T.RandomResizedCrop.get_params(image, [0.2, 1.0], [3 / 4, 4 / 3])
-    flipped = torch.rand(()).item() < 0.5
+    (box,), (flipped,) = crop_boxes_and_flips(50, 70, [recipe])  # the draws (their law: the test below)
     expected = TF.resized_crop(image, *box, [20, 20], T.InterpolationMode.BICUBIC, antialias=True)
     expected = TF.pil_to_tensor(TF.horizontal_flip(expected) if flipped else expected)
     assert got.dtype == torch.uint8 and torch.equal(got, expected)
@@ -283,8 +282,6 @@ def test_gpu_decode_route_matches_the_worker_route_on_the_cpu(tmp_path):
 
 
 def test_stage_one_crop_boxes_follow_random_resized_crops_law():
-    from selfsup.data.pipeline import crop_boxes_and_flips
-
     n = 6000
     bound = 2.0 * math.sqrt(2 / n)  # KS at p < 0.001
     for (h, w), scale in [((60, 80), (0.2, 1.0)), ((24, 200), (0.08, 1.0))]:
