@@ -389,6 +389,7 @@ def png_header_only(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(bytes(64))) + chunk(b"IEND", b"")
 
 
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
 @pytest.mark.parametrize("side", [50_000, 10_000])  # PIL errors beyond 2x its limit, and only warns below that
 def test_image_claiming_too_many_pixels_is_refused_before_decoding(tmp_path, side):
     folder = tmp_path / "train" / "cat"

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, TypeVar, Union
 
 import yaml
 
@@ -29,6 +29,7 @@ from selfsup.registry import METHODS
 
 __all__ = ["ConfigError", "check_choice"]  # re-exported: the error type every config key raises
 
+Section = TypeVar("Section")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -405,6 +406,13 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
     cfg = _build(Config, raw, "")
     cfg.method = build_method_config(method_raw or {})
     return check_config(cfg)
+
+
+def section_from_dict(cls: type[Section], raw: Any, prefix: str) -> Section:
+    """One config section (e.g. ``ModelConfig`` from a backbone file's metadata), coerced and checked."""
+    section = _build(cls, raw, prefix)
+    check_section(section, prefix)
+    return section
 
 
 def build_method_config(raw: dict[str, Any]) -> MethodConfig:
