@@ -521,4 +521,7 @@ def _plain(obj: Any) -> Any:
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    try:
+        Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    except OSError as error:  # a full or read-only disk: name the file (a failed write() names none)
+        raise type(error)(error.errno, error.strerror, str(path)) from error
