@@ -335,10 +335,17 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"recipe {str(path)!r} is not UTF-8 text ({error.reason} at byte {error.start}); "
                           "a recipe is a YAML file") from None
     except (yaml.YAMLError, RecursionError) as error:
-        raise ConfigError(f"recipe {str(path)!r} is not valid YAML: {error}") from None
+        raise ConfigError(f"recipe {str(path)!r} is not valid YAML: {_yaml_problem(error)}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"recipe {str(path)!r} must be a mapping of sections, got {type(raw).__name__}")
     return raw
+
+
+def _yaml_problem(error: Exception) -> str:
+    """PyYAML's complaint and where, on one line (its own message spans several, with a snippet)."""
+    mark, problem = getattr(error, "problem_mark", None), getattr(error, "problem", None) or str(error)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return " ".join(f"{problem}{where}".split())
 
 
 def parse_override(word: str) -> tuple[str, Any]:
