@@ -68,6 +68,7 @@ BAD_VALUES = [  # override, what the message must say
     ("launcher.nodes=0", "launcher.nodes must be at least 1"),
     ("method.queue_size=16", "method.queue_size=16 is smaller than train.batch_size=32"),
     ("model.pos_embed_resample=nearest", "model.pos_embed_resample='nearest'"),
+    ("eval.duplicate_threshold=1.5", "eval.duplicate_threshold must be at least -1 and at most 1"),
 ]
 METHOD_BAD_VALUES = [  # method, override, message: the method configs' own field rules
     ("msf", "method.bank_size=0", "method.bank_size must be at least 1"),
@@ -107,6 +108,13 @@ def test_bad_value_through_the_cli_stops_before_any_step(tmp_path, capsys, word,
     assert main(["train", *words]) == 2
     assert message in one_error_line(capsys)
     assert not (tmp_path / "runs").exists()  # nothing written, nothing trained
+
+
+def test_protocol_choices_are_the_evaluations_protocols():
+    from selfsup.config import EVAL_PROTOCOLS
+    from selfsup.eval.protocols import PROTOCOLS
+
+    assert set(EVAL_PROTOCOLS) == set(PROTOCOLS)
 
 
 def test_defaults_and_every_method_default_pass_their_rules():
@@ -195,21 +203,6 @@ def test_missing_validation_split_stops_before_training(tmp_path, capsys):
     assert main(["train", *words, "eval.at_end=true"]) == 2
     assert "eval.at_end=false" in one_error_line(capsys)
     assert not (tmp_path / "runs" / "run" / "checkpoint.pt").exists()  # stopped before the first step
-
-
-def test_protocols_that_need_training_labels_refuse_an_unlabelled_split(tmp_path):
-    folder = tmp_path / "stl10_binary"
-    folder.mkdir()
-    for part, count in (("unlabeled", 8), ("test", 4)):
-        (folder / f"{part}_X.bin").write_bytes(bytes(count * 3 * 96 * 96))
-    (folder / "test_y.bin").write_bytes(bytes([1, 2, 3, 4]))
-    words = [*TINY, "data.name=stl10", f"data.path={tmp_path}", "data.train_split=unlabeled", "data.val_split=test",
-             "data.subset=null", "train.batch_size=4", "method.queue_size=8", "eval.at_end=true"]
-    cfg = load_config(None, words)
-    with pytest.raises(ConfigError, match="knn, nn score with the labels of the training split"):
-        preflight(cfg, build_dataset(cfg.data, "unlabeled"))
-    clusters_only = load_config(None, [*words, "eval.protocols=[cluster]"])  # k-means scores the val split only
-    preflight(clusters_only, build_dataset(clusters_only.data, "unlabeled"))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -111,8 +111,9 @@ def check_section(section: Any, prefix: str) -> None:
 def check_config(cfg: Config) -> Config:
     """Every field of every section against its declared rule, and the queues against the batch: one clear
     :class:`ConfigError` naming the first bad key. Returns ``cfg``."""
-    for section in dataclasses.fields(cfg):
-        check_section(getattr(cfg, section.name), f"{section.name}.")
+    for f in dataclasses.fields(cfg):
+        if dataclasses.is_dataclass(section := getattr(cfg, f.name)):  # the sections (not e.g. `imports`)
+            check_section(section, f"{f.name}.")
     batch = cfg.train.batch_size
     for f in dataclasses.fields(cfg.method):
         rule, rows = field_rule(type(cfg.method), f.name), getattr(cfg.method, f.name)
@@ -123,7 +124,7 @@ def check_config(cfg: Config) -> Config:
     return cfg
 
 
-EVAL_PROTOCOLS = ("knn", "nn", "cluster", "align", "linear")
+EVAL_PROTOCOLS = ("knn", "nn", "cluster", "align", "linear", "rankme", "duplicates")  # selfsup.eval.protocols
 
 
 @dataclass
@@ -256,8 +257,8 @@ class EvalConfig:
     linear_vit_blocks: int = checked(4, ge=1)
     linear_vit_avgpool: bool = False  # ViT: append the mean patch token of the last block (their ViT-B, n = 1)
     # label-free protocols and pictures (selfsup.eval.retrieval, selfsup.eval.report)
-    duplicate_threshold: float = 0.95  # cosine at or above which two images count as near duplicates
-    retrieval_k: int = 8  # neighbours per query in the report's retrieval grid
+    duplicate_threshold: float = checked(0.95, ge=-1, le=1)  # cosine at or above which two images are near duplicates
+    retrieval_k: int = checked(8, ge=1)  # neighbours per query in the report's retrieval grid
 
 
 @dataclass

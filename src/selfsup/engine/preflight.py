@@ -5,19 +5,15 @@ about the data; what depends on it is checked here, so that a run that cannot fi
 with one :class:`ConfigError` naming the key and the fix:
 
 - one batch must fit the training set (``train.batch_size`` at most its size);
-- the end-of-training protocols and the kNN monitor need the validation split ``data.val_split``;
-- the protocols that score with the training labels (kNN, 1-NN, linear, cluster alignment) need a labelled
-  training split, and every protocol needs a labelled validation split.
+- the end-of-training protocols and the kNN monitor need the validation split ``data.val_split``.
+
+(Labels are not required: the evaluation skips the label-based protocols, with a note, on unlabelled data.)
 """
 
 from __future__ import annotations
 
-import numpy as np
-
 from selfsup.config import Config, ConfigError, check_config
 from selfsup.data.datasets import ImageDataset, build_dataset
-
-TRAIN_LABEL_PROTOCOLS = ("knn", "nn", "linear", "align")  # fit or memory on the training split's labels
 
 
 def preflight(cfg: Config, train_set: ImageDataset) -> None:
@@ -37,24 +33,12 @@ def preflight(cfg: Config, train_set: ImageDataset) -> None:
         users.append(f"eval.monitor_every_epochs={cfg.eval.monitor_every_epochs} (the kNN monitor)")
     if not users:
         return
-    off = "or turn the evaluation off (eval.at_end=false, eval.monitor_every_epochs=0)"
-    needs = " and ".join(users)
     try:
         val_set = build_dataset(cfg.data, cfg.data.val_split)
     except (ConfigError, FileNotFoundError) as error:
-        raise ConfigError(f"{needs} need the validation split data.val_split={cfg.data.val_split!r}, which "
-                          f"cannot be used: {error}. Set data.val_split to a split the data set has, {off}") from None
-    if len(val_set) == 0 or _unlabelled(val_set.targets):
-        raise ConfigError(f"{needs} score the validation split data.val_split={cfg.data.val_split!r}, which "
-                          f"has unlabelled images ({cfg.data.name}); choose a labelled split, {off}")
-    train_label_users = [p for p in cfg.eval.protocols if p in TRAIN_LABEL_PROTOCOLS] if cfg.eval.at_end else []
-    if cfg.eval.monitor_every_epochs and "knn" not in train_label_users:
-        train_label_users.append("the kNN monitor")
-    if train_label_users and _unlabelled(train_set.targets):
-        raise ConfigError(f"{', '.join(train_label_users)} score with the labels of the training split "
-                          f"data.train_split={cfg.data.train_split!r}, which has unlabelled images ({where}); "
-                          f"evaluate afterwards on a labelled split (selfsup eval RUN data.train_split=train) {off}")
-
-
-def _unlabelled(targets: np.ndarray) -> bool:
-    return bool(np.asarray(targets).size) and bool((np.asarray(targets) < 0).any())
+        raise ConfigError(f"{' and '.join(users)} need the validation split data.val_split={cfg.data.val_split!r}, "
+                          f"which cannot be used: {error}. Set data.val_split to a split the data set has, or turn "
+                          "the evaluation off (eval.at_end=false, eval.monitor_every_epochs=0)") from None
+    if len(val_set) == 0:
+        raise ConfigError(f"{' and '.join(users)} need images in the validation split "
+                          f"data.val_split={cfg.data.val_split!r}, which has none")
