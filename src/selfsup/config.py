@@ -226,8 +226,10 @@ class TrainConfig:
     max_steps: int | None = checked(None, ge=1)  # stop after this many optimiser steps (debugging, tests)
     time_budget: str | None = None  # e.g. 6m, 90s, 1.5h: train to this deadline, schedules planned over it
     progress_bar: bool = True
-    keep_checkpoints: int = 0  # also keep the last N epoch checkpoints (checkpoint-epochE.pt) beside checkpoint.pt
-    accumulate_steps: int = 1  # gradient accumulation: each step's batch in this many micro-batches (small GPUs)
+    # also keep the last N epoch checkpoints (checkpoint-epochE.pt) beside checkpoint.pt
+    keep_checkpoints: int = checked(0, ge=0)
+    # gradient accumulation: each step's batch in this many micro-batches (small GPUs)
+    accumulate_steps: int = checked(1, ge=1)
 
 
 @dataclass
@@ -265,7 +267,8 @@ class EvalConfig:
 class LogConfig:
     """Where a run's curves and scores go besides ``metrics.jsonl`` and ``eval.json`` (selfsup.tracking)."""
 
-    backends: list[str] = field(default_factory=list)  # tensorboard | wandb (offline) | mlflow (local store)
+    # tensorboard | wandb (offline) | mlflow (local store): selfsup.tracking.BACKENDS
+    backends: list[str] = checked(factory=list, choices=("tensorboard", "wandb", "mlflow"))
     figures: bool = True  # at the end of training, also the loss / lr / monitor curves as images
 
 
