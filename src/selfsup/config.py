@@ -267,8 +267,7 @@ class EvalConfig:
 class LogConfig:
     """Where a run's curves and scores go besides ``metrics.jsonl`` and ``eval.json`` (selfsup.tracking)."""
 
-    # tensorboard | wandb (offline) | mlflow (local store): selfsup.tracking.BACKENDS
-    backends: list[str] = checked(factory=list, choices=("tensorboard", "wandb", "mlflow"))
+    backends: list[str] = field(default_factory=list)  # tensorboard | wandb (offline) | mlflow (local store)
     figures: bool = True  # at the end of training, also the loss / lr / monitor curves as images
 
 
