@@ -221,7 +221,7 @@ class TrainConfig:
     run_name: str | None = None  # None: <method>-<data>-<timestamp>
     resume: str | None = None  # a checkpoint path, a run folder, or "auto" (continue the latest in run_name)
     checkpoint_every_epochs: int = checked(1, ge=1)
-    checkpoint_every_minutes: float = checked(30.0, gt=0)  # also save mid-epoch this often (long epochs)
+    checkpoint_every_minutes: float = checked(30.0, ge=0)  # also save mid-epoch this often (long epochs; 0: every step)
     log_every_steps: int = checked(10, ge=1)
     max_steps: int | None = checked(None, ge=1)  # stop after this many optimiser steps (debugging, tests)
     time_budget: str | None = None  # e.g. 6m, 90s, 1.5h: train to this deadline, schedules planned over it
