@@ -70,6 +70,7 @@ BAD_VALUES = [  # override, what the message must say
     ("model.pos_embed_resample=nearest", "model.pos_embed_resample='nearest'"),
     ("eval.duplicate_threshold=1.5", "eval.duplicate_threshold must be at least -1 and at most 1"),
     ("train.accumulate_steps=0", "train.accumulate_steps must be at least 1"),
+    ("data.decode=nvjpeg", "data.decode='nvjpeg' is not valid; choose one of ['cpu', 'gpu']"),
 ]
 METHOD_BAD_VALUES = [  # method, override, message: the method configs' own field rules
     ("msf", "method.bank_size=0", "method.bank_size must be at least 1"),

@@ -147,7 +147,8 @@ class DataConfig:
     blur: bool = True  # Gaussian blur in AUG+ (sigma scaled by image_size / 224)
     # eval transform: Resize(size / ratio) -> CenterCrop(size); 224/256
     eval_crop_ratio: float = checked(0.875, gt=0, le=1)
-    decode: str = "cpu"  # data.augment=batch on JPEG folders: cpu (the workers) | gpu (nvjpeg, batched on the device)
+    # data.augment=batch on JPEG folders: cpu (the workers) | gpu (nvjpeg, batched on the device)
+    decode: str = checked("cpu", choices=("cpu", "gpu"))
 
 
 @dataclass
