@@ -1,8 +1,14 @@
-"""Command line: ``selfsup train | eval | export | import | recipes``. Thin: parse, load config, call the library."""
+"""Command line: ``selfsup train | eval | export | import | recipes``. Thin: parse, load config, call the library.
+
+A failure is one ``selfsup: error: ...`` line on stderr, never a traceback: exit code 2 for input that does not fit
+(a config value, a recipe, a checkpoint, a data file, an image), 1 for a disk that refuses a read or write (full,
+read-only, a path through a file), 143 after a pre-emption signal (checkpoint written), 130 on Ctrl-C.
+"""
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
 from pathlib import Path
@@ -54,6 +60,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from selfsup.api import train
 
     cfg = config_for_train(args)
+    args.writes_to = f"a file under {cfg.train.output_dir}"  # what a failed write that names no file was writing
     if args.print_config:
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         return 0
@@ -210,13 +217,43 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except (ConfigError, CheckpointError, FileNotFoundError, ImageLoadError, DataFormatError,
             TrackerUnavailable) as error:
-        print(f"selfsup: error: {error}", file=sys.stderr)
+        print(f"selfsup: error: {one_line(error)}", file=sys.stderr)
         return 2
+    except OSError as error:  # a full or read-only disk, a permission, a path through a file
+        print(f"selfsup: error: {disk_error(error, args)}", file=sys.stderr)
+        return 1
     except Preempted:
         return 143  # 128 + SIGTERM: the scheduler sees an interrupted job, the checkpoint is in the run folder
     except KeyboardInterrupt:
         print("selfsup: interrupted; the last checkpoint is kept in the run folder", file=sys.stderr)
         return 130
+
+
+def one_line(error: BaseException) -> str:
+    """The error's message on one line (YAML and torch errors span several)."""
+    return " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+
+
+_DISK_HINTS = {
+    errno.ENOSPC: "the disk is full: free space there or write elsewhere",
+    errno.EDQUOT: "the disk quota is used up: free space there or write elsewhere",
+    errno.EROFS: "the file system is read-only: write elsewhere",
+    errno.EACCES: "permission denied: use a folder you may write to",
+    errno.EPERM: "not permitted: use a folder you may write to",
+    errno.ENOTDIR: "a part of the path is a file, not a folder",
+    errno.EEXIST: "a file of that name is in the way",
+    errno.EISDIR: "that is a folder, not a file",
+}
+
+
+def disk_error(error: OSError, args: argparse.Namespace) -> str:
+    """``cannot write PATH: reason (hint)``; the path from the error, or what the command was writing."""
+    named = [getattr(args, name, None) for name in ("writes_to", "output", "out", "out_dir", "checkpoint", "run")]
+    where = error.filename or next((name for name in named if name), "a file")
+    hint = _DISK_HINTS.get(error.errno or 0, "")
+    if hint and args.command == "train" and error.errno != errno.EISDIR:
+        hint += " (train.output_dir sets where runs go)"
+    return f"cannot use {where}: {error.strerror or type(error).__name__}" + (f"; {hint}" if hint else "")
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +35,7 @@ import torch
 import torchvision
 from torch import nn
 
-from selfsup.config import Config, ConfigError, ModelConfig, config_from_dict
+from selfsup.config import Config, ConfigError, ModelConfig, config_from_dict, section_from_dict
 from selfsup.engine.checkpoint import (
     CheckpointError,
     atomic_write,
@@ -46,6 +47,8 @@ from selfsup.models import BACKBONES, build_backbone  # the package import regis
 
 FORMAT = "selfsup-backbone/1"
 SUFFIXES = (".safetensors", ".pt", ".pth")
+MAX_SAFETENSORS_HEADER = 16 << 20  # bytes of JSON: ~100 bytes per tensor, so room for 100,000+ tensors
+_INFO_TYPES = {"backbone": str, "feature_dim": int, "small_stem": bool, "model": dict, "source": str}
 
 
 @dataclass
@@ -61,11 +64,12 @@ class BackboneInfo:
         return cls(model.backbone, feature_dim, model.small_stem, dataclasses.asdict(model), source)
 
     def model_config(self) -> ModelConfig:
+        """The ``model`` section this file describes, checked like any config (every field within its bounds)."""
         try:
-            return ModelConfig(**{"backbone": self.backbone, "small_stem": self.small_stem, **self.model})
-        except TypeError as error:  # a field this selfsup version does not know
-            raise CheckpointError(f"backbone metadata {self.model} does not fit this selfsup version: {error}") \
-                from None
+            return section_from_dict(ModelConfig, {"backbone": self.backbone, "small_stem": self.small_stem,
+                                                   **self.model}, "model.")
+        except ConfigError as error:  # a field this selfsup version does not know, or a value out of bounds
+            raise CheckpointError(f"its backbone metadata does not fit this selfsup version: {error}") from None
 
     def rebuild_hint(self) -> str:
         own = "selfsup.export.load_backbone(path), or build_backbone(ModelConfig(**info.model))"
@@ -86,15 +90,27 @@ class BackboneInfo:
         return meta
 
     @classmethod
-    def from_metadata(cls, meta: dict[str, str], path: str | Path) -> BackboneInfo:
-        if meta.get("format") != FORMAT:
-            raise CheckpointError(f"{path} is not a selfsup backbone file (metadata format "
-                                  f"{meta.get('format')!r}, expected {FORMAT!r}); write one with `selfsup export` "
-                                  "or `selfsup import`")
+    def from_metadata(cls, meta: Any, path: str | Path) -> BackboneInfo:
+        """Parse (and type-check) the metadata record of a backbone file; its ``model`` is checked later, by
+        :meth:`model_config`."""
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+            raise CheckpointError(f"{path} is not a selfsup backbone file (metadata format {str(found)[:40]!r}, "
+                                  f"expected {FORMAT!r}); write one with `selfsup export` or `selfsup import`")
         kwargs = {}
-        for f in dataclasses.fields(cls):
-            if f.name in meta:
-                kwargs[f.name] = meta[f.name] if f.type in (str, "str") else json.loads(meta[f.name])
+        for name, kind in _INFO_TYPES.items():
+            if name not in meta:
+                continue
+            try:
+                value = meta[name] if kind is str else json.loads(meta[name])
+            except (TypeError, ValueError, RecursionError):
+                value = None
+            if type(value) is not kind:  # bool is no int here, nor int a bool
+                raise CheckpointError(f"{path}: its metadata field {name!r} is not a {kind.__name__} "
+                                      f"({str(meta[name])[:60]!r}); the file is corrupt or was not written by selfsup")
+            kwargs[name] = value
+        if "backbone" not in kwargs or "feature_dim" not in kwargs:
+            raise CheckpointError(f"{path}: its metadata lacks 'backbone' or 'feature_dim'; the file is corrupt")
         return cls(**kwargs)
 
 
@@ -126,22 +142,61 @@ def read_backbone(path: str | Path, state: dict | None = None) -> tuple[dict[str
     if path.suffix == ".safetensors":
         from safetensors import SafetensorError, safe_open
 
+        check_safetensors_header(path)
         try:
             with safe_open(str(path), framework="pt") as handle:
                 meta = handle.metadata() or {}
                 tensors = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118 (no __iter__)
-        except SafetensorError as error:
+        except (SafetensorError, OSError, ValueError) as error:
             raise CheckpointError(f"{path} is not a readable safetensors file: {error}") from None
-        return tensors, BackboneInfo.from_metadata(meta, path)
-    state = state if state is not None else load_checkpoint(path)
-    if "state_dict" not in state or "selfsup" not in state:
-        raise CheckpointError(f"{path} has no 'state_dict'/'selfsup' entries: not a selfsup backbone file "
-                              f"(found {sorted(state)[:8]}); for a seed's checkpoint use `selfsup import`")
-    return state["state_dict"], BackboneInfo.from_metadata(state["selfsup"], path)
+    else:
+        state = state if state is not None else load_checkpoint(path)
+        if "state_dict" not in state or "selfsup" not in state:
+            raise CheckpointError(f"{path} has no 'state_dict'/'selfsup' entries: not a selfsup backbone file "
+                                  f"(found {abbreviate(sorted(map(str, state)))}); for a seed's checkpoint use "
+                                  "`selfsup import`")
+        tensors, meta = state["state_dict"], state["selfsup"]
+        if not isinstance(tensors, dict) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
+            raise CheckpointError(f"{path}: its 'state_dict' is not a mapping of names to tensors")
+    info = BackboneInfo.from_metadata(meta, path)
+    check_fits(tensors, info, path)
+    return tensors, info
+
+
+def check_safetensors_header(path: Path) -> None:
+    """The 8-byte header length of a safetensors file, against the file size and a sane bound, before any parsing."""
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        length = handle.read(8)
+    if len(length) < 8:
+        raise CheckpointError(f"{path} is not a readable safetensors file: {size} bytes, too short for its header")
+    (header,) = struct.unpack("<Q", length)
+    if header > size - 8 or header > MAX_SAFETENSORS_HEADER:
+        bound = "the whole file holds" if header > size - 8 else "a header needs"
+        raise CheckpointError(f"{path} is not a readable safetensors file: its header claims {header} bytes, "
+                              f"more than {bound} ({size} bytes; corrupt file)")
+
+
+def check_fits(tensors: dict[str, torch.Tensor], info: BackboneInfo, path: str | Path) -> None:
+    """Refuse metadata that does not describe the file's own tensors before any real model is built: the config
+    is checked against its bounds, then the model is laid out on the meta device (no memory) and its keys and
+    shapes compared with the file's, so the model built afterwards is no larger than the file."""
+    try:
+        model = info.model_config()
+    except CheckpointError as error:
+        raise CheckpointError(f"{path}: {error}") from None
+    try:
+        with torch.device("meta"):
+            expected = build_from_info(info).state_dict()
+    except (RuntimeError, NotImplementedError):  # a builder that needs real tensor values: bounds only
+        return
+    problems = key_problems(expected, tensors)
+    if problems:
+        raise CheckpointError(f"{path} does not fit the {model.backbone} its metadata describes: {problems}")
 
 
 def build_from_info(info: BackboneInfo) -> nn.Module:
-    """A freshly initialised module with the architecture ``info`` describes."""
+    """A freshly initialised module with the architecture ``info`` describes (on the default device)."""
     model = info.model_config()
     if model.backbone not in BACKBONES:
         raise CheckpointError(f"backbone {model.backbone!r} is not in this selfsup version's registry "

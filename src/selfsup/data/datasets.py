@@ -9,6 +9,8 @@ CIFAR, STL-10, synthetic) are decoded once per process and shared by their split
 from __future__ import annotations
 
 import gzip
+import io
+import math
 import multiprocessing
 import os
 import pickle
@@ -196,31 +198,60 @@ _FASHION_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"
                   "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
 
 
+GZIP_MAX_RATIO = 1032  # deflate expands at most ~1032:1, so a .gz file of n bytes holds at most this many times n
+_READ_CHUNK = 1 << 20
+
+
 def read_idx(path: str | Path, ndim: int) -> np.ndarray:
-    """Parse an idx file of uint8 values (``.gz`` or plain) with ``ndim`` dimensions."""
+    """Parse an idx file of uint8 values (``.gz`` or plain) with ``ndim`` dimensions.
+
+    Memory stays within what the header implies and what the file can hold: the shape is checked against the file
+    size before the data is read, and a gzip stream is decompressed in chunks that stop as soon as it yields more
+    than the header announced."""
     path = Path(path)
+    compressed = path.suffix == ".gz"
+    size = path.stat().st_size
     try:
-        if path.suffix == ".gz":
-            with gzip.open(path, "rb") as f:
-                raw = f.read()
-        else:
-            raw = path.read_bytes()
+        with gzip.open(path, "rb") if compressed else open(path, "rb") as f:
+            # header: two zero bytes, type code 0x08 (uint8), number of dimensions, then big-endian int32 sizes
+            magic = f.read(4)
+            if len(magic) < 4 or magic[:3] != b"\x00\x00\x08" or magic[3] != ndim:
+                raise DataFormatError(f"{path} is not a uint8 idx file with {ndim} dimension(s) "
+                                      f"(magic bytes {magic.hex() or 'missing'}, expected 000008{ndim:02x})")
+            sizes = f.read(4 * ndim)
+            if len(sizes) < 4 * ndim:
+                raise DataFormatError(f"{path} is truncated: its header is incomplete")
+            shape = tuple(int(n) for n in np.frombuffer(sizes, dtype=">u4"))
+            count, header = math.prod(shape), 4 + 4 * ndim
+            if not compressed and header + count != size:
+                raise DataFormatError(f"{path} holds {size} bytes but its header {shape} implies {header + count} "
+                                      "(truncated or corrupt file)")
+            if compressed and count > GZIP_MAX_RATIO * size:
+                raise DataFormatError(f"{path}: its header {shape} implies {count} bytes of images, more than a "
+                                      f"gzip file of {size} bytes can hold (corrupt header)")
+            raw = _read_at_most(f, count + 1)
     except (EOFError, zlib.error, gzip.BadGzipFile) as error:
         raise DataFormatError(f"{path} is not a readable gzip file ({error}); "
                               "re-install or replace it") from None
-    # header: two zero bytes, type code 0x08 (uint8), number of dimensions, then big-endian int32 sizes
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08 or raw[3] != ndim:
-        raise DataFormatError(f"{path} is not a uint8 idx file with {ndim} dimension(s) "
-                              f"(magic bytes {raw[:4].hex() or 'missing'}, expected 000008{ndim:02x})")
-    header = 4 + 4 * ndim
-    if len(raw) < header:
-        raise DataFormatError(f"{path} is truncated: its header is incomplete")
-    shape = tuple(int(s) for s in np.frombuffer(raw, dtype=">i4", count=ndim, offset=4))
-    expected = header + int(np.prod(shape))
-    if len(raw) != expected:
-        raise DataFormatError(f"{path} holds {len(raw)} bytes but its header {shape} implies {expected} "
-                              "(truncated or corrupt file)")
-    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
+    if len(raw) > count:
+        raise DataFormatError(f"{path} holds more data than its header {shape} implies ({count} bytes; "
+                              "corrupt file or a decompression bomb)")
+    if len(raw) < count:
+        raise DataFormatError(f"{path} holds {header + len(raw)} bytes but its header {shape} implies "
+                              f"{header + count} (truncated or corrupt file)")
+    return np.frombuffer(raw, dtype=np.uint8).reshape(shape)
+
+
+def _read_at_most(f: Any, limit: int) -> bytes:
+    """Up to ``limit`` bytes of ``f``, read in chunks (a single ``read(n)`` may reserve n bytes up front)."""
+    chunks, total = [], 0
+    while total < limit:
+        chunk = f.read(min(_READ_CHUNK, limit - total))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        total += len(chunk)
+    return b"".join(chunks)
 
 
 def _find_idx(folder: Path, stem: str) -> Path | None:
@@ -273,16 +304,150 @@ _CIFAR = {  # name -> folder, train files, test files, meta file, label key, cla
 }
 
 
+class _CodeInPickle(pickle.UnpicklingError):
+    """A pickle that names a Python object outside the CIFAR format (a function to call, a class to build)."""
+
+
+class _PickledArray:
+    """Stands in for ``numpy.ndarray`` while a CIFAR pickle is read. numpy writes an array as
+    ``_reconstruct(ndarray, (0,), b'b')`` followed by BUILD with ``(version, shape, dtype, fortran, data)``;
+    the state becomes an array only through :func:`_array_from_bytes`."""
+
+    array: np.ndarray | None = None
+
+    def __setstate__(self, state: Any) -> None:
+        if not isinstance(state, tuple) or len(state) not in (4, 5):
+            raise pickle.UnpicklingError("an array state that numpy does not write")
+        shape, dtype, fortran, data = state[-4:]
+        self.array = _array_from_bytes(data, dtype, shape, "F" if fortran else "C")
+
+
+class _PickledDtype:
+    """Stands in for ``numpy.dtype(code, align, copy)`` and its BUILD state (byte order; no fields, no
+    sub-arrays): only plain booleans, integers and floats, never Python objects."""
+
+    def __init__(self, code: Any, align: Any = False, copy: Any = True) -> None:
+        if not isinstance(code, (str, bytes)):
+            raise pickle.UnpicklingError(f"dtype code {code!r:.40} is not a string")
+        self.code = code.decode("latin1") if isinstance(code, bytes) else code
+        self.byteorder = "="
+
+    def __setstate__(self, state: Any) -> None:
+        # (version, byte order, sub-array, names, fields, item size, alignment, flags[, metadata])
+        if (not isinstance(state, tuple) or len(state) < 5 or state[1] not in ("<", ">", "=", "|")
+                or any(part is not None for part in state[2:5])):
+            raise pickle.UnpicklingError("only plain numeric dtypes belong in a CIFAR batch")
+        self.byteorder = state[1]
+
+    def resolve(self) -> np.dtype:
+        dtype = np.dtype(self.code)
+        if dtype.kind not in "biuf" or dtype.fields is not None or dtype.subdtype is not None:
+            raise pickle.UnpicklingError(f"dtype {self.code!r:.40} is not a plain number type")
+        return dtype.newbyteorder(self.byteorder) if self.byteorder in "<>" else dtype
+
+
+def _array_from_bytes(data: Any, dtype: Any, shape: Any, order: Any) -> np.ndarray:
+    if isinstance(data, str):  # a python-2 str read with encoding="latin1": the original bytes, one per character
+        data = data.encode("latin1")
+    if (not isinstance(data, (bytes, bytearray)) or not isinstance(dtype, _PickledDtype) or order not in ("C", "F")
+            or not isinstance(shape, tuple) or not all(isinstance(n, int) and n >= 0 for n in shape)):
+        raise pickle.UnpicklingError("an array that numpy's own pickling does not write")
+    resolved = dtype.resolve()
+    if math.prod(shape) * resolved.itemsize != len(data):  # checked before anything is allocated
+        raise pickle.UnpicklingError(f"an array of shape {shape[:8]} with {len(data)} bytes of data")
+    return np.frombuffer(data, dtype=resolved).reshape(shape, order=order)
+
+
+_NDARRAY = object()  # what ``numpy.ndarray`` names inside the pickle: only _reconstruct's first argument
+
+
+def _reconstruct(subtype: Any, shape: Any, dtype: Any) -> _PickledArray:
+    if subtype is not _NDARRAY:
+        raise pickle.UnpicklingError("numpy's _reconstruct of something other than ndarray")
+    return _PickledArray()  # numpy's own arguments here are (0,), b'b': the array comes from the state
+
+
+def _scalar(dtype: Any, data: Any) -> np.generic:
+    return _array_from_bytes(data, dtype, (), "C")[()]
+
+
+def _frombuffer(data: Any, dtype: Any, shape: Any, order: Any) -> np.ndarray:  # protocol 5 (numpy >= 1.16)
+    return _array_from_bytes(data, dtype, shape, order)
+
+
+def _latin1_encode(text: Any, encoding: Any = "utf-8") -> bytes:  # python 3, protocol < 3: bytes as encode(str)
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise pickle.UnpicklingError("_codecs.encode used for something other than a byte string")
+    return text.encode("latin1")
+
+
+def _empty_bytes(*args: Any) -> bytes:  # python 3, protocol < 3: b"" as bytes()
+    if args:
+        raise pickle.UnpicklingError("bytes() called with arguments")
+    return b""
+
+
+# every global the CIFAR python format needs, as python 2 / numpy < 2 and python 3 / numpy >= 2 write it
+_CIFAR_GLOBALS: dict[tuple[str, str], Any] = {
+    **{(module, "_reconstruct"): _reconstruct for module in ("numpy.core.multiarray", "numpy._core.multiarray")},
+    **{(module, "scalar"): _scalar for module in ("numpy.core.multiarray", "numpy._core.multiarray")},
+    **{(module, "_frombuffer"): _frombuffer for module in ("numpy.core.numeric", "numpy._core.numeric")},
+    ("numpy", "ndarray"): _NDARRAY,
+    ("numpy", "dtype"): _PickledDtype,
+    ("_codecs", "encode"): _latin1_encode,
+    ("__builtin__", "bytes"): _empty_bytes,
+    ("builtins", "bytes"): _empty_bytes,
+}
+
+
+class _CifarUnpickler(pickle._Unpickler):
+    """Reads the CIFAR python format and nothing else: dicts, lists, strings, numbers and numpy arrays of plain
+    numbers, rebuilt by :func:`_array_from_bytes` (never by numpy's unpickling code). Any other global a file
+    names is refused before it is looked up, so a crafted batch cannot run code.
+
+    It is the pure-Python unpickler reading from memory: its memo is a dict (the C unpickler grows an array to the
+    largest memo index a file names, 16 GiB for one opcode) and a length field can read at most the file."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        try:
+            return _CIFAR_GLOBALS[(module, name)]
+        except (KeyError, TypeError):
+            raise _CodeInPickle(f"{module}.{name}") from None
+
+    def load_build(self) -> None:  # BUILD may set any attribute of anything: only our stand-ins take a state
+        if not isinstance(self.stack[-2], (_PickledArray, _PickledDtype)):
+            raise pickle.UnpicklingError("a state for something other than a numpy array or dtype")
+        super().load_build()
+
+    dispatch = dict(pickle._Unpickler.dispatch)
+    dispatch[pickle.BUILD[0]] = load_build
+
+
 def _unpickle(path: Path) -> dict[str, Any]:
     try:
-        with open(path, "rb") as f:
-            raw = pickle.load(f, encoding="latin1")
-    except Exception as error:  # UnpicklingError, EOFError, ValueError, AttributeError, ...
-        raise DataFormatError(f"{path} is not a readable CIFAR pickle ({error})") from None
+        raw = _CifarUnpickler(io.BytesIO(path.read_bytes()), encoding="latin1").load()
+    except _CodeInPickle as error:
+        raise DataFormatError(
+            f"{path} contains code (it names the Python object {str(error)[:80]!r}, which a CIFAR batch never does) "
+            "and was not loaded; replace it with the file from the data set's original archive") from None
+    except Exception as error:  # UnpicklingError, EOFError, ValueError, MemoryError, RecursionError ...
+        raise DataFormatError(f"{path} is not a readable CIFAR pickle ({type(error).__name__}: "
+                              f"{str(error)[:200]})") from None
     if not isinstance(raw, dict):
         raise DataFormatError(f"{path} should hold a dict, got {type(raw).__name__}")
-    # python-2 pickles give str keys, pickles written by python 3 may give bytes keys
-    return {k.decode() if isinstance(k, bytes) else k: v for k, v in raw.items()}
+    # python-2 pickles give str keys, pickles written by python 3 may give bytes keys; arrays are top-level values
+    return {(k.decode("latin1") if isinstance(k, bytes) else k): (v.array if isinstance(v, _PickledArray) else v)
+            for k, v in raw.items()}
+
+
+def _labels(batch: dict[str, Any], key: str, path: Path) -> np.ndarray:
+    """The batch's labels: a list of ints (the CIFAR format) or a 1-d integer array; checked before numpy sees it."""
+    labels = batch[key]
+    if isinstance(labels, np.ndarray) and labels.ndim == 1 and labels.dtype.kind in "iu":
+        return labels.astype(np.int64)
+    if isinstance(labels, list) and all(isinstance(y, (int, np.integer)) for y in labels):
+        return np.asarray(labels, dtype=np.int64)
+    raise DataFormatError(f"{path}: {key!r} must be a list of integer labels, got {type(labels).__name__}")
 
 
 def _cifar(name: str, root: Path, train: bool) -> tuple[np.ndarray, np.ndarray, list[str]]:
@@ -305,19 +470,22 @@ def _cifar(name: str, root: Path, train: bool) -> tuple[np.ndarray, np.ndarray, 
         for path in paths:
             batch = _unpickle(path)
             if "data" not in batch or label_key not in batch:
-                raise DataFormatError(f"{path} lacks 'data' or {label_key!r} (keys: {sorted(batch)})")
-            data = np.asarray(batch["data"], dtype=np.uint8)
-            if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(data) != len(batch[label_key]):
-                raise DataFormatError(f"{path}: data of shape {data.shape} does not match "
-                                      f"{len(batch[label_key])} images of 3x32x32")
+                raise DataFormatError(f"{path} lacks 'data' or {label_key!r} "
+                                      f"(keys: {', '.join(sorted(str(k)[:40] for k in batch)[:12])})")
+            data, batch_labels = batch["data"], _labels(batch, label_key, path)
+            if (not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2
+                    or data.shape[1] != 3 * 32 * 32 or len(data) != len(batch_labels)):
+                raise DataFormatError(f"{path}: 'data' must be a uint8 array of {len(batch_labels)} rows of 3x32x32 "
+                                      f"values, got {type(data).__name__} {getattr(data, 'shape', '')}")
             images.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))  # rows are CHW planes
-            labels.append(np.asarray(batch[label_key], dtype=np.int64))
+            labels.append(batch_labels)
         num_classes = 10 if name == "cifar10" else 100
         classes = [str(c) for c in range(num_classes)]
         if (folder / meta_file).is_file():
             names = _unpickle(folder / meta_file).get(names_key)
-            if names is not None and len(names) == num_classes:
-                classes = [n.decode() if isinstance(n, bytes) else str(n) for n in names]
+            if (isinstance(names, list) and len(names) == num_classes
+                    and all(isinstance(n, (str, bytes)) for n in names)):
+                classes = [n.decode("latin1") if isinstance(n, bytes) else n for n in names]
         _CACHE[key] = (np.ascontiguousarray(np.concatenate(images)), np.concatenate(labels), classes)
     return _CACHE[key]
 
@@ -394,15 +562,18 @@ def _build_stl10(cfg: DataConfig, split: str) -> ImageDataset:
             if not y_path.is_file():
                 raise FileNotFoundError(f"STL-10 file {y_path} is missing; "
                                         "the extracted archive is incomplete")
+            if y_path.stat().st_size != len(images):  # one byte per image, checked before reading
+                raise DataFormatError(f"{y_path} holds {y_path.stat().st_size} labels for {len(images)} images "
+                                      f"in {x_path.name}; the extracted archive is incomplete or corrupt")
             y = np.fromfile(y_path, dtype=np.uint8).astype(np.int64) - 1  # stored 1-based
-            if len(y) != len(images) or (y.size and not 0 <= y.min() <= y.max() < 10):
+            if y.size and not 0 <= y.min() <= y.max() < 10:
                 raise DataFormatError(f"{y_path}: {len(y)} labels in 1..10 expected for {len(images)} images")
         parts.append(images)
         labels.append(y)
     classes = STL10_CLASSES
     names_path = folder / "class_names.txt"
-    if names_path.is_file():
-        names = [line.strip() for line in names_path.read_text().splitlines() if line.strip()]
+    if names_path.is_file() and names_path.stat().st_size < 1 << 16:  # ten short lines
+        names = [line.strip() for line in names_path.read_text(errors="replace").splitlines() if line.strip()]
         classes = names if len(names) == 10 else classes
     return ArrayDataset("stl10", split, parts, np.concatenate(labels), classes)
 
@@ -468,6 +639,7 @@ def _build_synthetic(cfg: DataConfig, split: str) -> ImageDataset:
 # ---------------------------------------------------------------------------------------------
 # imagefolder: root/<split>/<class>/<image>, decoded lazily with PIL
 
+DEFAULT_MAX_IMAGE_PIXELS = 89_478_485  # PIL's default Image.MAX_IMAGE_PIXELS, used when it has been set to None
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
 
 
@@ -482,6 +654,17 @@ def _images_under(folder: Path) -> list[str]:
         found += [os.path.join(dirpath, f) for f in filenames
                   if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")]
     return sorted(found)
+
+
+def _check_pixel_count(image: Image.Image, path: str) -> None:
+    """Refuse an image whose header claims more than ``PIL.Image.MAX_IMAGE_PIXELS`` pixels (or PIL's default limit
+    when that is switched off) before it is decoded: PIL itself only warns up to twice its limit."""
+    limit = Image.MAX_IMAGE_PIXELS or DEFAULT_MAX_IMAGE_PIXELS
+    if image.width * image.height > limit:
+        image.close()
+        raise ImageLoadError(f"cannot read image {path}: its header claims {image.width}x{image.height} pixels, more "
+                             f"than the limit of {limit} (a decompression bomb?); raise PIL.Image.MAX_IMAGE_PIXELS if "
+                             "the image is genuine, or set data.skip_corrupt=true to skip unreadable images")
 
 
 class ImageFolderDataset(ImageDataset):
@@ -537,8 +720,10 @@ class ImageFolderDataset(ImageDataset):
 
     def _load(self, path: str, lazy: bool = False) -> Image.Image:
         """The image at ``path``, upright (EXIF orientation) and RGB; ``lazy``: opened only (header and orientation
-        read), for :func:`selfsup.data.decode.decode_resized_crops`."""
+        read), for :func:`selfsup.data.decode.decode_resized_crops`. A header that claims more pixels than the limit
+        is refused before any decoding."""
         image = open_image(path)
+        _check_pixel_count(image, path)
         if lazy:
             oriented_size(image)  # reads the header: a file that is no image fails here, where it can be skipped
             return image

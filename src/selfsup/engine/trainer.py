@@ -39,6 +39,7 @@ from selfsup.engine.budget import TimeBudget, parse_duration
 from selfsup.engine.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from selfsup.engine.embedding import embed_shard
 from selfsup.engine.monitors import neighbour_purity
+from selfsup.engine.preflight import preflight
 from selfsup.engine.run_folder import RunLock, check_run_name, remove_orphans, truncate_metrics
 from selfsup.engine.schedules import (
     lr_at_planned_step,
@@ -231,6 +232,7 @@ class Trainer:
     def _build_data(self) -> None:
         cfg = self.cfg
         self.train_set = build_dataset(cfg.data, cfg.data.train_split)
+        preflight(cfg, self.train_set)  # every check that needs the data, before anything is built or written
         targets = torch.as_tensor(np.asarray(self.train_set.targets), dtype=torch.long)
         # labels stay with the engine, for monitors only; None for an unlabelled training set
         self.targets = targets.to(self.device) if bool((targets >= 0).any()) else None

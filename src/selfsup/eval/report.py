@@ -46,7 +46,7 @@ from selfsup.eval.features import extract_features, pooled_on_grid
 from selfsup.eval.pictures import image_row, pair_grid, retrieval_grid
 from selfsup.eval.protocols import LABEL_FREE_PROTOCOLS, format_score, score_names
 from selfsup.eval.retrieval import duplicated_in, near_duplicates, nearest_neighbours
-from selfsup.eval.run import load_run
+from selfsup.eval.run import TornFileWarning, load_run, read_scores
 from selfsup.models.vit import ViT
 
 EMBEDDINGS = ("tsne", "umap")
@@ -75,9 +75,29 @@ def img_tag(png: bytes, alt: str, css_class: str = "") -> str:
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
-    """The records of the run's ``metrics.jsonl`` (none if the file is absent)."""
+    """The records of the run's ``metrics.jsonl`` (none if the file is absent). A line that is no JSON record (the
+    last one cut short by a crash or a full disk, perhaps continued by a resumed run) is skipped with one
+    :class:`~selfsup.eval.run.TornFileWarning`: the curves are drawn from every readable record."""
     path = run_dir / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    if not path.is_file():
+        return []
+    records, torn = [], []
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if isinstance(record, dict):
+            records.append(record)
+        else:
+            torn.append(number)
+    if torn:
+        warnings.warn(f"{path}: skipped {len(torn)} unreadable line(s) (line {', '.join(map(str, torn[:3]))}"
+                      f"{' ...' if len(torn) > 3 else ''}), cut short by a crash or a full disk", TornFileWarning,
+                      stacklevel=2)
+    return records
 
 
 def split_records(records: list[dict]) -> tuple[list[dict], list[dict]]:
@@ -493,8 +513,13 @@ def curves_section(records: list[dict]) -> str:
 
 def evaluation_section(run_dir: Path, labelled: bool) -> str:
     eval_path = run_dir / "eval.json"
-    if eval_path.is_file():
-        scores = json.loads(eval_path.read_text())
+    scores = read_scores(eval_path) if eval_path.is_file() else None
+    if eval_path.is_file() and scores is None:
+        warnings.warn(f"{eval_path} is not readable JSON scores (cut short by a crash or a full disk?)",
+                      TornFileWarning, stacklevel=2)
+        body = note(f"{eval_path.name} in {run_dir} is unreadable (cut short?): run `selfsup eval {run_dir} "
+                    "--protocol ...` again to rewrite it.")
+    elif scores is not None:
         body = scores_table(scores) + note(f"From {eval_path.name}; k-NN/1-NN/linear in top-1 %, clustering scores "
                                            "in %, rankme an effective rank, feature_std a standard deviation, "
                                            "duplicates counts. Re-run `selfsup eval RUN --protocol ...` to add scores.")

@@ -6,6 +6,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -13,10 +15,27 @@ from torch import nn
 
 from selfsup.config import Config, config_from_dict, parse_override, set_dotted
 from selfsup.data.datasets import build_dataset
-from selfsup.engine.checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint
+from selfsup.engine.checkpoint import CheckpointError, atomic_write, load_checkpoint, resolve_checkpoint
 from selfsup.engine.trainer import method_for, resolve_device, seed_everything
 from selfsup.eval.protocols import check_protocols, evaluate_backbone, format_scores
 from selfsup.methods import Method
+
+
+class TornFileWarning(UserWarning):
+    """A run file (``metrics.jsonl``, ``eval.json``) is partly unreadable, e.g. cut short by a crash or a full
+    disk; what is readable is used."""
+
+
+def read_scores(path: Path) -> dict[str, dict[str, Any]] | None:
+    """The scores an ``eval.json`` holds, ``{column: {score: value}}``; None when it is no such JSON (torn by a
+    crash or a full disk, or edited into another shape)."""
+    try:
+        scores = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError):  # json.JSONDecodeError is a ValueError
+        return None
+    if not isinstance(scores, dict) or not all(isinstance(column, dict) for column in scores.values()):
+        return None
+    return scores
 
 
 def load_run(path: str | Path, overrides: list[str] | None = None, state: dict | None = None,
@@ -77,9 +96,15 @@ def evaluate_checkpoint(path: str | Path, protocols: list[str], overrides: list[
         results["random_init"] = evaluate_backbone(initial, cfg, target, protocols, progress=True)
     print(what)
     print(format_scores(results))
-    previous = json.loads(out.read_text()) if out.is_file() else {}
+    previous = read_scores(out) if out.is_file() else {}
+    if previous is None:  # torn or not ours: keep it aside rather than lose it, start a new one with these scores
+        aside = out.with_name(out.name + ".unreadable")
+        os.replace(out, aside)
+        warnings.warn(f"{out} is not readable JSON scores (cut short by a crash or a full disk?); it is kept as "
+                      f"{aside.name} and {out.name} now holds these scores only", TornFileWarning, stacklevel=2)
+        previous = {}
     for column, scores in results.items():  # keep scores of other protocols from earlier evaluations
         previous.setdefault(column, {}).update(scores)
-    out.write_text(json.dumps(previous, indent=2))
+    atomic_write(out, lambda handle: handle.write(json.dumps(previous, indent=2).encode()))  # never torn itself
     return results
 

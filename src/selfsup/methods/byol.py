@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from selfsup.config import MethodConfig
+from selfsup.config import MethodConfig, checked
 from selfsup.methods.base import (
     BackboneFactory,
     Batch,
@@ -31,7 +31,7 @@ from selfsup.nn.online_target import OnlineTarget
 @dataclass
 class BYOLConfig(MethodConfig):
     name: str = "byol"
-    momentum: float = 0.99  # target EMA, constant (README value; the argparse default is 0.999)
+    momentum: float = checked(0.99, ge=0, le=1)  # target EMA, constant (README value; the argparse default is 0.999)
     augmentation: str = "strong/strong"  # target/query views: AUG+ on both as train_byol.py
     shuffle_bn: bool = True
 

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from selfsup.config import MethodConfig
+from selfsup.config import MethodConfig, checked
 from selfsup.methods.base import (
     BackboneFactory,
     Batch,
@@ -51,14 +51,16 @@ from selfsup.nn.online_target import OnlineTarget
 class ISDConfig(MethodConfig):
     name: str = "isd"
     projection_heads: bool = False  # ISD+: MLP heads d -> 2d -> d/4 on both encoders and BYOL's predictor
-    queue_size: int = 128000
-    teacher_temperature: float = 0.02  # train_isd.py --temp (one τ for both)
-    student_temperature: float = 0.02
-    momentum: float = 0.999  # teacher EMA, constant (train_isd.py's default; the README does not override it)
+    queue_size: int = checked(128000, ge=1, holds_batch=True)
+    teacher_temperature: float = checked(0.02, gt=0)  # train_isd.py --temp (one τ for both)
+    student_temperature: float = checked(0.02, gt=0)
+    # teacher EMA, constant (train_isd.py's default; the README does not override it)
+    momentum: float = checked(0.999, ge=0, le=1)
     augmentation: str = "strong/strong"  # teacher/student views: AUG+ on both
-    queue_init: str = "normal_columns"  # train_isd.py's quirk: randn normalised along dim 0
+    # train_isd.py's quirk: randn normalised along dim 0
+    queue_init: str = checked("normal_columns", choices=("normal", "normal_columns", "zeros"))
     shuffle_bn: bool = True
-    purity_k: int = 5  # monitor: the teacher's top-k queue neighbours
+    purity_k: int = checked(5, ge=1)  # monitor: the teacher's top-k queue neighbours
 
 
 @dataclass

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from selfsup.config import MethodConfig
+from selfsup.config import MethodConfig, checked
 from selfsup.data.recipes import ViewLayout
 from selfsup.errors import check_choice
 from selfsup.methods.base import BackboneFactory, Batch, Method, Progress, RunInfo, StepOutput, register_method
@@ -26,14 +26,14 @@ from selfsup.nn.online_target import OnlineTarget
 @dataclass
 class MoCoConfig(MethodConfig):
     name: str = "moco"
-    dim: int = 128  # embedding width
+    dim: int = checked(128, ge=1)  # embedding width
     mlp: bool = True  # v2 head: Linear(d,d)-ReLU-Linear(d,dim); v1: Linear(d,dim)
-    queue_size: int = 65536
-    temperature: float = 0.2  # v2 0.2; v1 0.07
-    momentum: float = 0.999  # key-encoder EMA, constant
+    queue_size: int = checked(65536, ge=1, holds_batch=True)
+    temperature: float = checked(0.2, gt=0)  # v2 0.2; v1 0.07
+    momentum: float = checked(0.999, ge=0, le=1)  # key-encoder EMA, constant
     shuffle_bn: bool = True  # shuffle the key batch across ranks (per-GPU BN); no-op on one process
-    augmentation: str = "aug+"  # aug+ (v2) | moco_v1
-    queue_init_scale: float = 1.0  # 0.1 reproduces the single-GPU (AlexZaikin) variant
+    augmentation: str = checked("aug+", choices=("aug+", "moco_v1"))  # aug+ (v2) | moco_v1
+    queue_init_scale: float = checked(1.0, gt=0)  # 0.1 reproduces the single-GPU (AlexZaikin) variant
     ema_after_keys: bool = False  # single-GPU variant: EMA after keys, so keys lag one step
 
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from selfsup.config import MethodConfig
+from selfsup.config import MethodConfig, checked
 from selfsup.errors import ConfigError
 from selfsup.methods.base import (
     BackboneFactory,
@@ -41,9 +41,9 @@ from selfsup.nn.online_target import OnlineTarget
 @dataclass
 class MSFConfig(MethodConfig):
     name: str = "msf"
-    topk: int = 10  # neighbours per target (README 10; the abstract, argparse and run_msf.sh use 5)
-    bank_size: int = 128000  # --mem_bank_size
-    momentum: float = 0.99  # target EMA, constant
+    topk: int = checked(10, ge=1)  # neighbours per target (README 10; the abstract, argparse and run_msf.sh use 5)
+    bank_size: int = checked(128000, ge=1, holds_batch=True)  # --mem_bank_size
+    momentum: float = checked(0.99, ge=0, le=1)  # target EMA, constant
     augmentation: str = "weak/strong"  # target/query views (the README's --weak_strong)
     shuffle_bn: bool = True
 

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from selfsup.config import MethodConfig
+from selfsup.config import MethodConfig, checked
 from selfsup.data.recipes import Choice, ViewLayout, dino_weak, mugs_strong
 from selfsup.engine.schedules import momentum_at, warmup_then_constant
 from selfsup.errors import ConfigError
@@ -55,47 +55,51 @@ from selfsup.nn.memory import MemoryBank
 @dataclass
 class MugsConfig(MethodConfig):
     name: str = "mugs"
-    loss_weights: tuple[float, float, float] = (1.0, 1.0, 1.0)  # instance, local-group, group: > 0 switches on
+    # instance, local-group, group: > 0 switches on
+    loss_weights: tuple[float, float, float] = checked((1.0, 1.0, 1.0), ge=0)
     # views (global crop side = data.image_size)
-    local_crops_number: int = 10
-    local_crop_size: int = 96
-    global_crops_scale: tuple[float, float] = (0.25, 1.0)
-    local_crops_scale: tuple[float, float] = (0.05, 0.25)
-    strong_prob: float = 0.5  # P(strong) of the student's globals (per image) and of each local crop
+    local_crops_number: int = checked(10, ge=0)
+    local_crop_size: int = checked(96, ge=1)
+    global_crops_scale: tuple[float, float] = checked((0.25, 1.0), gt=0, le=1, ascending=True)
+    local_crops_scale: tuple[float, float] = checked((0.05, 0.25), gt=0, le=1, ascending=True)
+    # P(strong) of the student's globals (per image) and of each local crop
+    strong_prob: float = checked(0.5, ge=0, le=1)
     randaugment: str = "rand-m9-mstd0.5-inc1"
-    strong_ratio: float = 0.45  # RandAugment translation = this × crop size
-    random_erasing: float = 0.25
-    color_jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)  # brightness, contrast, saturation, hue
+    strong_ratio: float = checked(0.45, ge=0)  # RandAugment translation = this × crop size
+    random_erasing: float = checked(0.25, ge=0, le=1)
+    # brightness, contrast, saturation, hue
+    color_jitter: tuple[float, float, float, float] = checked((0.4, 0.4, 0.2, 0.1), ge=0)
     # heads
     use_bn_in_head: bool = False  # BatchNorm in the three projectors (official flag; SyncBN across GPUs)
-    head_hidden_dim: int = 2048
-    predictor_hidden_dim: int = 4096
+    head_hidden_dim: int = checked(2048, ge=1)
+    predictor_hidden_dim: int = checked(4096, ge=1)
     norm_before_pred: bool = True
-    instance_out_dim: int = 256
-    local_group_out_dim: int = 256
-    group_out_dim: int = 65536
-    group_bottleneck_dim: int = 256
+    instance_out_dim: int = checked(256, ge=1)
+    local_group_out_dim: int = checked(256, ge=1)
+    group_out_dim: int = checked(65536, ge=1)
+    group_bottleneck_dim: int = checked(256, ge=1)
     norm_last_layer: bool = True  # freeze the weight-norm g of the prototypes (official default; ViT-S/B: false)
     # instance and local-group InfoNCE
-    instance_queue_size: int = 65536
-    instance_temp: float = 0.2
-    local_group_queue_size: int = 65536
-    local_group_temp: float = 0.2
-    memory_size: int = 65536  # local-group memory rows (the official code uses local_group_queue_size)
-    local_group_top_n: int = 8
+    instance_queue_size: int = checked(65536, ge=1, holds_batch=True)
+    instance_temp: float = checked(0.2, gt=0)
+    local_group_queue_size: int = checked(65536, ge=1, holds_batch=True)
+    local_group_temp: float = checked(0.2, gt=0)
+    # local-group memory rows (the official code uses local_group_queue_size)
+    memory_size: int = checked(65536, ge=1, holds_batch=True)
+    local_group_top_n: int = checked(8, ge=1)
     legacy_ptr_bug: bool = False  # the official memory pointer: +2B per write that does not wrap
     # group (DINO) loss
-    group_student_temp: float = 0.1
-    group_warmup_teacher_temp: float = 0.04
-    group_teacher_temp: float = 0.04
-    group_warmup_teacher_temp_epochs: int = 0
-    center_momentum: float = 0.9
+    group_student_temp: float = checked(0.1, gt=0)
+    group_warmup_teacher_temp: float = checked(0.04, gt=0)
+    group_teacher_temp: float = checked(0.04, gt=0)
+    group_warmup_teacher_temp_epochs: int = checked(0, ge=0)
+    center_momentum: float = checked(0.9, ge=0, le=1)
     # teacher and optimisation
-    momentum_teacher: float = 0.996  # cosine to 1 over training, per step
-    clip_grad: float = 3.0  # per-parameter gradient-norm clip (0: off)
-    clip_grad_drop_epoch: int | None = None  # clip / 10 for epochs > this (official ViT-L: 100)
-    freeze_last_layer: int = 1  # epochs without updates of the prototypes
-    patch_embed_lr_mult: float = 0.2
+    momentum_teacher: float = checked(0.996, ge=0, le=1)  # cosine to 1 over training, per step
+    clip_grad: float = checked(3.0, ge=0)  # per-parameter gradient-norm clip (0: off)
+    clip_grad_drop_epoch: int | None = checked(None, ge=0)  # clip / 10 for epochs > this (official ViT-L: 100)
+    freeze_last_layer: int = checked(1, ge=0)  # epochs without updates of the prototypes
+    patch_embed_lr_mult: float = checked(0.2, ge=0)
 
 
 # ------------------------------------------------------------------------------------------------ losses

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from selfsup.config import MethodConfig
+from selfsup.config import MethodConfig, checked
 from selfsup.data.recipes import NAMED, ViewLayout
 from selfsup.errors import ConfigError, check_choice
 from selfsup.methods.base import (
@@ -61,18 +61,22 @@ RELABEL_SEED = 7_919  # offsets the label pass's sampling seed from the training
 @dataclass
 class SeLaConfig(MethodConfig):
     name: str = "sela"
-    ncl: int = 3000  # K, clusters per head
-    hc: int = 10  # heads (main.py's default is 1; the scripts and released 10x3k models use 10)
-    lamb: float = 25.0  # λ of P^λ (CIFAR: 10)
-    nopts: int = 100  # label re-optimisations spread over training (CIFAR: 400)
-    dtype: str = "f64"  # Sinkhorn-Knopp precision: f64 | f32
-    tol: float = 0.1  # stop Sinkhorn-Knopp once Σ|c/c_new − 1| ≤ tol (CIFAR: 0.01)
-    schedule: str = "quadratic"  # quadratic (main.py) | linear (cifar.py)
-    relabel_heads: str = "all"  # all (main.py) | one (cifar.py: head epoch % hc per update)
-    aggregate: str = "train"  # train: training views, train mode (the seed) | eval: eval transform, eval mode
-    augmentation: str = "moco_v1"  # augs=3: RRC, gray 0.2, jitter 0.4 x4 always, flip (MoCo-v1's recipe)
-    storage: str = "auto"  # features and P^λ: auto (GPU when they fit, else host) | device | host
-    chunk_size: int = 16384  # rows per chunk of the logits/softmax and the final argmax
+    ncl: int = checked(3000, ge=1)  # K, clusters per head
+    hc: int = checked(10, ge=1)  # heads (main.py's default is 1; the scripts and released 10x3k models use 10)
+    lamb: float = checked(25.0, gt=0)  # λ of P^λ (CIFAR: 10)
+    nopts: int = checked(100, ge=1)  # label re-optimisations spread over training (CIFAR: 400)
+    dtype: str = checked("f64", choices=tuple(DTYPES))  # Sinkhorn-Knopp precision: f64 | f32
+    tol: float = checked(0.1, gt=0)  # stop Sinkhorn-Knopp once Σ|c/c_new − 1| ≤ tol (CIFAR: 0.01)
+    schedule: str = checked("quadratic", choices=tuple(SCHEDULES))  # quadratic (main.py) | linear (cifar.py)
+    # all (main.py) | one (cifar.py: head epoch % hc per update)
+    relabel_heads: str = checked("all", choices=("all", "one"))
+    # train: training views, train mode (the seed) | eval: eval transform, eval mode
+    aggregate: str = checked("train", choices=("train", "eval"))
+    # augs=3: RRC, gray 0.2, jitter 0.4 x4 always, flip (MoCo-v1's recipe)
+    augmentation: str = checked("moco_v1", choices=tuple(NAMED))
+    # features and P^λ: auto (GPU when they fit, else host) | device | host
+    storage: str = checked("auto", choices=("auto", "device", "host"))
+    chunk_size: int = checked(16384, ge=1)  # rows per chunk of the logits/softmax and the final argmax
 
 
 def sela_loss(logits: list[torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
