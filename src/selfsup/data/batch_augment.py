@@ -358,6 +358,17 @@ def sample_jitter_factors(batch: int, brightness: float, contrast: float, satura
     return torch.stack([lo + (hi - lo) * u[:, i] for i, (lo, hi) in enumerate(ranges)], dim=1)
 
 
+def _candidate_sides(batch: int, area: int, scale: tuple[float, float], ratio: tuple[float, float], attempts: int,
+                     generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+    """(B, attempts) rounded sqrt(A·r) and sqrt(A/r) for areas A uniform in ``area`` x ``scale`` and aspects r
+    log-uniform in ``ratio``: the candidate sides both RandomResizedCrop and RandomErasing draw."""
+    u = _rand(batch, attempts, 2, generator=generator)
+    target = area * (scale[0] + (scale[1] - scale[0]) * u[..., 0])
+    lo, hi = math.log(ratio[0]), math.log(ratio[1])
+    aspect = torch.exp(lo + (hi - lo) * u[..., 1])
+    return torch.sqrt(target * aspect).round(), torch.sqrt(target / aspect).round()
+
+
 def sample_crop_boxes(batch: int, height: int, width: int, scale: tuple[float, float] = (0.08, 1.0),
                       ratio: tuple[float, float] = (3 / 4, 4 / 3), generator: torch.Generator | None = None,
                       attempts: int = 10) -> Tensor:
@@ -367,13 +378,7 @@ def sample_crop_boxes(batch: int, height: int, width: int, scale: tuple[float, f
     fits in the image, else takes torchvision's central fallback crop; the position is uniform over the
     valid offsets.
     """
-    area = height * width
-    u = _rand(batch, attempts, 2, generator=generator)
-    target = area * (scale[0] + (scale[1] - scale[0]) * u[..., 0])
-    lo, hi = math.log(ratio[0]), math.log(ratio[1])
-    aspect = torch.exp(lo + (hi - lo) * u[..., 1])
-    cw = torch.sqrt(target * aspect).round()
-    ch = torch.sqrt(target / aspect).round()
+    cw, ch = _candidate_sides(batch, height * width, scale, ratio, attempts, generator)
     fits = (cw > 0) & (cw <= width) & (ch > 0) & (ch <= height)
     first = fits.to(torch.int64).argmax(dim=1, keepdim=True)  # first True (0 if none)
     found = fits.any(dim=1)
@@ -399,13 +404,7 @@ def sample_erase_boxes(batch: int, height: int, width: int, scale: tuple[float, 
     """(B, 4) int64 boxes and (B,) found flags with the law of ``RandomErasing.get_params``: the first of
     ``attempts`` (area fraction, log-aspect) candidates strictly inside the image, at a uniform position; none
     found: nothing is erased."""
-    area = height * width
-    u = _rand(batch, attempts, 2, generator=generator)
-    target = area * (scale[0] + (scale[1] - scale[0]) * u[..., 0])
-    lo, hi = math.log(ratio[0]), math.log(ratio[1])
-    aspect = torch.exp(lo + (hi - lo) * u[..., 1])
-    eh = torch.sqrt(target * aspect).round()
-    ew = torch.sqrt(target / aspect).round()
+    eh, ew = _candidate_sides(batch, height * width, scale, ratio, attempts, generator)
     fits = (eh < height) & (ew < width)
     first = fits.to(torch.int64).argmax(dim=1, keepdim=True)
     found = fits.any(dim=1)
