@@ -30,7 +30,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 @dataclass
 class DataConfig:
-    name: str = "digits"  # digits | fashion-mnist | imagefolder | cifar10 | cifar100 | stl10 | synthetic
+    # digits | fashion-mnist | imagefolder | folder | filelist | cifar10 | cifar100 | stl10 | synthetic
+    name: str = "digits"
     path: str | None = None  # data-set root; None uses the data set's default location
     image_size: int = 32  # side of the training crops fed to the backbone
     train_split: str = "train"  # split used for self-supervised training
@@ -45,6 +46,13 @@ class DataConfig:
     flip: bool = True  # random horizontal flip in the training views
     blur: bool = True  # Gaussian blur in AUG+ (sigma scaled by image_size / 224)
     eval_crop_ratio: float = 0.875  # eval transform: Resize(size / ratio) -> CenterCrop(size); 224/256
+    # labels: auto (data.name=folder: class sub-folders when every image sits in one; filelist: its label column) |
+    # none (every image unlabelled, any data set) | folders (data.name=folder: class sub-folders, required)
+    labels: str = "auto"
+    # folder / filelist without train/ and val/ (or a split column): this fraction of the images is held out as the
+    # val split, stratified by label, chosen by a hash of each path and split_seed (not train.seed: the split stays)
+    val_fraction: float = 0.1
+    split_seed: int = 0
 
 
 @dataclass
