@@ -99,8 +99,8 @@ def test_class_sub_folders_are_labels_with_auto_and_not_with_none(tmp_path):
     assert Counter(val.targets.tolist()) == {0: 2, 1: 1, 2: 1}  # stratified: 10% of each class
     assert Counter(train.targets.tolist()) == {0: 18, 1: 9, 2: 9}
     for ds in (train, val):  # every label is the image's class folder (deeper files included)
-        assert all(Path(p).relative_to(tmp_path / "data").parts[0] == ds.classes[y] for p, y in zip(ds.paths,
-                                                                                               ds.targets))
+        assert all(Path(p).relative_to(tmp_path / "data").parts[0] == ds.classes[y]
+                   for p, y in zip(ds.paths, ds.targets, strict=True))
     unlabelled = folder(tmp_path / "data", labels="none")
     assert unlabelled.classes == [] and (unlabelled.targets == -1).all() and len(unlabelled) == 36
     assert folder(tmp_path / "data", labels="folders").classes == ["cat", "dog", "owl"]
@@ -241,14 +241,14 @@ def test_csv_filelist_with_labels_splits_and_without_labels(tmp_path):
     files = flat_folder(tmp_path / "img", 24)
     labels = ["10", "2", "2", ""] * 6  # integer names sort as numbers; an empty cell is unlabelled
     listed = write_csv(tmp_path / "labelled.csv", ["path", "label"], [[f"img/{f.name}", y] for f, y in
-                                                                      zip(files, labels)])
+                                                                      zip(files, labels, strict=True)])
     cfg = DataConfig(name="filelist", path=str(listed))
     train, val = build_dataset(cfg, "train"), build_dataset(cfg, "val")
     assert train.classes == ["2", "10"]
     assert Counter(val.targets.tolist()) == {1: 1, 0: 1, -1: 1}  # stratified: 10% of 6, 12 and 6
-    row = {f"img/{f.name}": y for f, y in zip(files, labels)}
+    row = {f"img/{f.name}": y for f, y in zip(files, labels, strict=True)}
     for ds in (train, val):
-        for path, target in zip(ds.paths, ds.targets):
+        for path, target in zip(ds.paths, ds.targets, strict=True):
             name = row[f"img/{Path(path).name}"]
             assert target == (train.classes.index(name) if name else -1)
     assert build_dataset(DataConfig(name="filelist", path=str(listed), labels="none"), "train").classes == []
