@@ -339,3 +339,11 @@ def test_msf_trains_two_steps_on_an_unlabelled_folder_with_batched_augmentation(
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records if "loss" in r]
     assert len(losses) == 2 and all(np.isfinite(losses)) and not any("purity" in r for r in records)
+
+
+def test_the_skip_note_is_one_line_even_beside_random_init(unlabelled_run, capsys):
+    assert main(["eval", str(unlabelled_run), "--protocol", "knn,rankme", "--random-init", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("note: knn skipped") == 1 and "--protocol rankme,duplicates" in out
+    scores = json.loads((unlabelled_run / "eval.json").read_text())
+    assert "rankme" in scores["random_init"] and "knn20_T0.07" not in scores["trained"]
