@@ -66,11 +66,18 @@ def test_resume_from_the_command_line_continues_the_run(tmp_path):
 def test_divergence_stops_with_a_clear_error_and_keeps_the_last_checkpoint(tmp_path):
     from conftest import tiny_config
 
-    trainer = Trainer(tiny_config(tmp_path, "optim.lr=1e30"))
-    with pytest.raises(NonFiniteLossError, match="last good checkpoint"):
+    trainer = Trainer(tiny_config(tmp_path / "early", "optim.lr=1e30"))  # diverges before any checkpoint
+    with pytest.raises(NonFiniteLossError, match="no checkpoint had been written yet"):
         trainer.fit()
-    assert not (tmp_path / "run" / "checkpoint.pt").exists() or torch.isfinite(
-        load_checkpoint(tmp_path / "run")["method"]["queue.bank"]).all()
+    assert not (tmp_path / "early" / "run" / "checkpoint.pt").exists()
+
+    Trainer(tiny_config(tmp_path / "late", "train.epochs=1")).fit()  # a good checkpoint at epoch 1, then diverge
+    trainer = Trainer(tiny_config(tmp_path / "late", "train.epochs=2", "train.resume=auto", "optim.lr=1e30"))
+    with pytest.raises(NonFiniteLossError, match="last good checkpoint is kept at"):
+        trainer.fit()
+    state = load_checkpoint(tmp_path / "late" / "run")
+    assert state["epoch"] == 1 and all(torch.isfinite(v).all() for v in state["method"].values()
+                                       if isinstance(v, torch.Tensor) and v.is_floating_point())
 
 
 def test_resume_with_a_different_model_is_one_clear_error(tmp_path, capsys):

@@ -207,3 +207,38 @@ def test_git_commit_is_that_of_the_checkout_tracking_the_package(tmp_path):
     (package / "__init__.py").write_text("x = 1\n")
     assert git_commit(package)["dirty"] is True
     assert git_commit(vendored) is None and git_commit(tmp_path.parent) is None
+
+
+def test_a_training_run_logs_to_tensorboard_and_keeps_its_console_environment_and_epoch_checkpoints(tmp_path):
+    """The trainer's wiring: log.backends=[tensorboard] gets the step and epoch scalars, the final scores and the
+    curves; the run folder gets train.log, environment.json and the last N epoch checkpoints."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from conftest import tiny_config
+    from selfsup.api import build_trainer
+
+    cfg = tiny_config(tmp_path, "log.backends=[tensorboard]", "train.epochs=3", "train.keep_checkpoints=2",
+                      "eval.at_end=true", "eval.protocols=[nn]", "eval.compare_random_init=false")
+    trainer = build_trainer(cfg)
+    scores = trainer.fit()
+    run = trainer.run_dir
+    events = EventAccumulator(str(run / "tensorboard"), size_guidance={"images": 0}).Reload()
+    tags = events.Tags()
+    assert {"loss", "lr", "loss_mean", "eval/trained/nn"} <= set(tags["scalars"]) and "step" not in tags["scalars"]
+    assert len(events.Scalars("loss")) == 24  # 3 epochs x 8 steps, logged every step
+    assert events.Scalars("eval/trained/nn")[-1].value == pytest.approx(scores["trained"]["nn"])
+    assert any(tag.startswith("curves") for tag in tags["images"])
+    console = (run / "train.log").read_text()
+    assert "epoch 3/3:" in console and "run folder:" in console and "nn" in console
+    environment = json.loads((run / "environment.json").read_text())
+    assert environment["torch"] == torch.__version__
+    assert sorted(p.name for p in run.glob("checkpoint-epoch*.pt")) == ["checkpoint-epoch2.pt", "checkpoint-epoch3.pt"]
+
+
+def test_an_unknown_or_missing_backend_is_one_clear_error(tmp_path, capsys):
+    from conftest import TINY
+    from selfsup.cli import main
+
+    assert main(["train", *TINY, "log.backends=[tensorbored]", f"train.output_dir={tmp_path}"]) == 2
+    assert "unknown tracking back end 'tensorbored'" in capsys.readouterr().err

@@ -243,10 +243,12 @@ def main(argv: list[str] | None = None) -> int:
     from selfsup.data.datasets import DataFormatError, ImageLoadError
     from selfsup.engine.checkpoint import CheckpointError
     from selfsup.engine.trainer import Preempted
+    from selfsup.tracking import TrackerUnavailable
 
     try:
         return args.func(args)
-    except (ConfigError, CheckpointError, FileNotFoundError, ImageLoadError, DataFormatError) as error:
+    except (ConfigError, CheckpointError, FileNotFoundError, ImageLoadError, DataFormatError,
+            TrackerUnavailable) as error:
         print(f"selfsup: error: {error}", file=sys.stderr)
         return 2
     except Preempted:

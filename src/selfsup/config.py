@@ -46,6 +46,7 @@ class DataConfig:
     flip: bool = True  # random horizontal flip in the training views
     blur: bool = True  # Gaussian blur in AUG+ (sigma scaled by image_size / 224)
     eval_crop_ratio: float = 0.875  # eval transform: Resize(size / ratio) -> CenterCrop(size); 224/256
+    decode: str = "cpu"  # data.augment=batch on JPEG folders: cpu (the workers) | gpu (nvjpeg, batched on the device)
     # labels: auto (data.name=folder: class sub-folders when every image sits in one; filelist: its label column) |
     # none (every image unlabelled, any data set) | folders (data.name=folder: class sub-folders, required)
     labels: str = "auto"
@@ -125,6 +126,8 @@ class TrainConfig:
     max_steps: int | None = None  # stop after this many optimiser steps (debugging, tests)
     time_budget: str | None = None  # e.g. 6m, 90s, 1.5h: train to this deadline, schedules planned over it
     progress_bar: bool = True
+    keep_checkpoints: int = 0  # also keep the last N epoch checkpoints (checkpoint-epochE.pt) beside checkpoint.pt
+    accumulate_steps: int = 1  # gradient accumulation: each step's batch in this many micro-batches (small GPUs)
 
 
 @dataclass
@@ -150,6 +153,14 @@ class EvalConfig:
     # label-free protocols and pictures (selfsup.eval.retrieval, selfsup.eval.report)
     duplicate_threshold: float = 0.95  # cosine at or above which two images count as near duplicates
     retrieval_k: int = 8  # neighbours per query in the report's retrieval grid
+
+
+@dataclass
+class LogConfig:
+    """Where a run's curves and scores go besides ``metrics.jsonl`` and ``eval.json`` (selfsup.tracking)."""
+
+    backends: list[str] = field(default_factory=list)  # tensorboard | wandb (offline) | mlflow (local store)
+    figures: bool = True  # at the end of training, also the loss / lr / monitor curves as images
 
 
 @dataclass
@@ -181,6 +192,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    log: LogConfig = field(default_factory=LogConfig)
     # modules imported before the rest is read (a user's @register_method / @register_dataset / @register_backbone):
     # importable module names, e.g. [mypkg.ssl_plugins]; every process imports them (CLI, torchrun, Slurm jobs)
     imports: list[str] = field(default_factory=list)

@@ -1,4 +1,4 @@
-"""The error a user can fix by changing a recipe or an override, and its one-line wording helpers."""
+"""The errors a user can fix (a recipe, an override, a file), and their one-line wording helpers."""
 
 from __future__ import annotations
 
@@ -8,6 +8,10 @@ from collections.abc import Iterable
 
 class ConfigError(ValueError):
     """A recipe, override or argument that does not fit: the message names the key and the fix."""
+
+
+class ImageLoadError(RuntimeError):
+    """An image file that PIL cannot open or decode (the message names the file)."""
 
 
 def did_you_mean(word: str, choices: Iterable[str], prefix: str = "") -> str:

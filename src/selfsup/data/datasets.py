@@ -26,13 +26,11 @@ from typing import Any
 
 import numpy as np
 import torch.utils.data
-from PIL import Image, ImageOps
+from PIL import Image
 
 from selfsup.config import ConfigError, DataConfig, check_choice
-
-
-class ImageLoadError(RuntimeError):
-    """An image file that PIL cannot open or decode."""
+from selfsup.data.decode import load_rgb, open_image, oriented_size
+from selfsup.errors import ImageLoadError  # noqa: F401  (re-exported)
 
 
 class DataFormatError(RuntimeError):
@@ -61,6 +59,11 @@ class ImageDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> tuple[Image.Image, int]:
         raise NotImplementedError
+
+    def open(self, i: int) -> tuple[Image.Image, int]:
+        """``(image, label)`` where the image may be opened lazily (header read, pixels not yet decoded), for a
+        decoder that crops at reduced size (:mod:`selfsup.data.decode`); in-memory data sets return ``self[i]``."""
+        return self[i]
 
     def describe(self, i: int) -> str:
         return f"{self.name}/{self.split}[{i}]"
@@ -549,15 +552,23 @@ class ImageFolderDataset(ImageDataset):
     def keep_first(self, n: int) -> None:
         self.paths, self.targets = self.paths[:n], self.targets[:n]
 
-    def _load(self, path: str) -> Image.Image:
-        try:
-            with Image.open(path) as image:
-                return image.convert("RGB")  # forces a full decode
-        except Exception as error:  # PIL raises OSError, ValueError, SyntaxError, DecompressionBombError...
-            raise ImageLoadError(f"cannot read image {path}: {type(error).__name__}: {error}; "
-                                 "set data.skip_corrupt=true to skip unreadable images") from error
+    def _load(self, path: str, lazy: bool = False) -> Image.Image:
+        """The image at ``path``, upright (EXIF orientation) and RGB; ``lazy``: opened only (header and orientation
+        read), for :func:`selfsup.data.decode.decode_resized_crops`."""
+        image = open_image(path)
+        if lazy:
+            oriented_size(image)  # reads the header: a file that is no image fails here, where it can be skipped
+            return image
+        with image:
+            return load_rgb(image)  # forces a full decode
 
     def __getitem__(self, i: int) -> tuple[Image.Image, int]:
+        return self._read(i, lazy=False)
+
+    def open(self, i: int) -> tuple[Image.Image, int]:
+        return self._read(i, lazy=True)
+
+    def _read(self, i: int, lazy: bool) -> tuple[Image.Image, int]:
         i = self._check_index(i)
         n = len(self)
         for step in range(n):
@@ -566,7 +577,7 @@ class ImageFolderDataset(ImageDataset):
             if path in self._bad:
                 continue
             try:
-                return self._load(path), int(self.targets[j])
+                return self._load(path, lazy), int(self.targets[j])
             except ImageLoadError as error:
                 if not self.skip_corrupt:
                     raise
@@ -606,8 +617,9 @@ def _build_imagefolder(cfg: DataConfig, split: str) -> ImageDataset:
 
 class ImageFilesDataset(ImageFolderDataset):
     """Images named by path, with their labels (-1: unlabelled) and class names: ``data.name=folder`` and
-    ``filelist``. Read as :class:`ImageFolderDataset` reads (an :class:`ImageLoadError` naming the path, or skipped
-    and counted with ``data.skip_corrupt``), then turned upright by their EXIF orientation."""
+    ``filelist``. Read as :class:`ImageFolderDataset` reads them (upright by their EXIF orientation, opened lazily
+    for stage 1's reduced-size decode; an :class:`ImageLoadError` naming the path, or skipped and counted with
+    ``data.skip_corrupt``)."""
 
     def __init__(self, name: str, split: str, root: Path, paths: Sequence[str], targets: Sequence[int] | np.ndarray,
                  classes: Sequence[str], skip_corrupt: bool = False) -> None:
@@ -617,13 +629,6 @@ class ImageFilesDataset(ImageFolderDataset):
         self.targets = np.asarray(targets, dtype=np.int64).reshape(len(self.paths))
         self._bad: set[str] = set()
         self._skip_count = multiprocessing.Value("i", 0)
-
-    def _load(self, path: str) -> Image.Image:
-        image = super()._load(path)
-        try:
-            return ImageOps.exif_transpose(image)
-        except Exception:  # unreadable EXIF metadata: the pixels themselves are fine, keep them as stored
-            return image
 
 
 def held_out(keys: Sequence[str], targets: np.ndarray, fraction: float, seed: int) -> np.ndarray:

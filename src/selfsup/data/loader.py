@@ -34,18 +34,20 @@ class ViewDataset(Dataset):
     reseeded with ``seed`` (the caller's RNG is left untouched).
     """
 
-    def __init__(self, base: Dataset, make_views: Callable[..., list[torch.Tensor]]):
+    def __init__(self, base: Dataset, make_views: Callable[..., list[torch.Tensor]], *, lazy: bool = False):
         self.base = base
         self.make_views = make_views
+        self.lazy = lazy  # hand make_views a lazily opened image (ImageDataset.open) it decodes itself
 
     def __len__(self) -> int:
         return len(self.base)
 
     def __getitem__(self, key: tuple[int, int]) -> tuple[list[torch.Tensor], Choices, int, int]:
         index, seed = key
-        image, label = self.base[index]
+        opener = getattr(self.base, "open", None) if self.lazy else None
+        image, label = opener(index) if opener is not None else self.base[index]
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+            torch.default_generator.manual_seed(seed)  # the CPU generator only: no lazy CUDA seeding per sample
             views = self.make_views(image)
         views, choices = views if isinstance(views, tuple) else (views, {})
         return views, choices, index, label

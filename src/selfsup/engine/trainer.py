@@ -8,9 +8,11 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import platform
 import random
 import re
+import shutil
 import signal
 import sys
 import threading
@@ -37,6 +39,7 @@ from selfsup.engine.budget import TimeBudget, parse_duration
 from selfsup.engine.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from selfsup.engine.embedding import embed_shard
 from selfsup.engine.monitors import neighbour_purity
+from selfsup.engine.run_folder import RunLock, check_run_name, remove_orphans, truncate_metrics
 from selfsup.engine.schedules import (
     lr_at_planned_step,
     lr_at_step,
@@ -45,10 +48,21 @@ from selfsup.engine.schedules import (
     scaled_lr,
     weight_decay_at,
 )
-from selfsup.methods import Batch, Embedding, EmbedRequest, Method, ParamGroup, Progress, RunInfo, build_method
+from selfsup.methods import (
+    Batch,
+    Embedding,
+    EmbedRequest,
+    Method,
+    ParamGroup,
+    Progress,
+    RunInfo,
+    StepOutput,
+    build_method,
+)
 from selfsup.models.backbones import backbone_factory
 from selfsup.nn import distributed
 from selfsup.nn.split_bn import apply_bn_splits, check_bn_splits
+from selfsup.tracking import MultiTracker, build_trackers, write_environment
 
 CHECKPOINT_FORMAT = 2  # 2: methods hold their online/target pair as ``net`` and memory banks store dataset indices
 
@@ -102,6 +116,14 @@ class Preempted(RuntimeError):
 PREEMPTION_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGUSR1") if hasattr(signal, name))
 
 
+def ignore_preemption_signals(worker_id: int) -> None:
+    """In a DataLoader worker: SIGTERM/SIGUSR1/SIGUSR2 sent to the whole process group (``scancel``, pre-emption) are
+    for the main process, which checkpoints at the next step boundary and then shuts its workers down."""
+    for name in ("SIGTERM", "SIGUSR1", "SIGUSR2"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
+
+
 class Callback:
     """Hooks into a training run (evaluation, monitors, benchmarks). Every hook is optional."""
 
@@ -132,6 +154,7 @@ class Trainer:
         self.clock = clock
         self.step_callbacks: list[Callable[[Trainer], None]] = []  # called after every step (benchmarks)
         self.preemption_signals = PREEMPTION_SIGNALS  # a launcher may add its own (submitit's USR2)
+        self.tracker: MultiTracker | None = None  # the tracking back ends, during fit() on rank 0
         self._setup_process()
         self._build_data()
         self._build_method()
@@ -140,15 +163,48 @@ class Trainer:
         self.step = 0  # optimiser steps done
         self.step_in_epoch = 0
         self._saved_at = (-1, -1)
+        self._epoch_sums: dict[str, float] = {}  # loss and log sums of the epoch so far (a mid-epoch checkpoint)
+        self._last_loss: torch.Tensor | None = None
+        self._signal: int | None = None
+        # the finite-loss check's cadence: every step on CPU (free), every log_every_steps on GPU (a host sync)
+        self.finite_check_every = 1 if self.device.type == "cpu" else cfg.train.log_every_steps
+        self.lock: RunLock | None = None
         self.run_dir = self._run_dir()
         self.checkpoint_path = self.run_dir / CHECKPOINT_NAME
-        for callback in self.callbacks:
-            callback.on_init(self)
-        resume = resume or cfg.train.resume
+        try:
+            for callback in self.callbacks:
+                callback.on_init(self)
+            self._start_or_resume(resume or cfg.train.resume)
+        except BaseException:
+            self.close()
+            raise
+
+    def _start_or_resume(self, resume: str | Path | None) -> None:
+        """Resume from ``resume`` (a checkpoint, a run folder, or ``auto``: this run's checkpoint if any), or start
+        afresh in a folder that holds no run; only then write the folder's config.yaml (a refused resume leaves it)."""
         if resume == "auto":
             resume = self.checkpoint_path if self.checkpoint_path.is_file() else None
+        metrics = self.run_dir / "metrics.jsonl"
+        if resume is None and self.is_main and self.checkpoint_path.is_file():
+            state = load_checkpoint(self.checkpoint_path)
+            raise ConfigError(
+                f"run folder {self.run_dir} already holds a run (checkpoint at epoch {state.get('epoch')}, step "
+                f"{state.get('step')}): continue it with train.resume=auto (or selfsup train --resume {self.run_dir}), "
+                "or start a new one under another train.run_name")
         if resume:
             self.load(resume)
+        if self.is_main:
+            if resume:
+                truncate_metrics(metrics, self.step, self.epoch)  # the records after the checkpoint come again
+            else:
+                metrics.unlink(missing_ok=True)  # a run that never checkpointed starts again from step 0
+            save_config(self.cfg, self.run_dir / "config.yaml")
+
+    def close(self) -> None:
+        """Give the run folder up (the lock); :meth:`fit` does it when it ends."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
     # ------------------------------------------------------------------ construction
 
@@ -190,13 +246,16 @@ class Trainer:
         return EpochSampler(len(self.train_set), self.batch_per_rank, seed=seed, rank=self.dist.rank,
                             world_size=self.dist.world_size, drop_last=drop_last, shuffle=shuffle)
 
-    def _loader(self, dataset: Dataset, sampler: EpochSampler, seed: int) -> DataLoader:
+    def _loader(self, dataset: Dataset, sampler: EpochSampler, seed: int, collate: Callable | None = None
+                ) -> DataLoader:
         return DataLoader(
             dataset, batch_size=self.batch_per_rank, sampler=sampler, num_workers=self.cfg.data.num_workers,
+            collate_fn=collate,
             pin_memory=self.device.type == "cuda", persistent_workers=self.cfg.data.num_workers > 0, drop_last=False,
             # its own generator: starting an epoch's iterator must not draw from the global RNG, which the
             # model's own randomness (dropout, drop-path) uses and a resume restores
             generator=torch.Generator().manual_seed(seed),
+            worker_init_fn=ignore_preemption_signals,  # the main process checkpoints; a worker must not die first
         )
 
     def _build_method(self) -> None:
@@ -204,16 +263,19 @@ class Trainer:
         seed_everything(cfg.train.seed)  # the same initial weights (and random-init baseline) on every start
         self.method: Method = method_for(cfg, len(self.train_set), self.train_set.num_classes)
         self.initial_backbone = copy.deepcopy(self.method.backbone.state_dict())
-        self.pipeline = training_views(self.method.views, cfg.data, self.train_set).to(self.device)
+        self.pipeline = training_views(self.method.views, cfg.data, self.train_set, self.device).to(self.device)
         self.dataset: Dataset = self.pipeline.dataset
-        self.loader = self._loader(self.dataset, self.sampler, cfg.train.seed)
+        self.loader = self._loader(self.dataset, self.sampler, cfg.train.seed, self.pipeline.collate)
 
     def _build_model(self) -> None:
         t = self.cfg.train
         self.channels_last = t.channels_last if t.channels_last is not None else self.device.type == "cuda"
-        splits = self.cfg.model.bn_splits
+        splits, micro = self.cfg.model.bn_splits, t.accumulate_steps
+        if micro < 1 or self.batch_per_rank % micro:
+            raise ConfigError(f"train.accumulate_steps={micro} must be at least 1 and divide the per-process batch "
+                              f"({self.batch_per_rank} = train.batch_size / processes) into equal micro-batches")
         try:
-            check_bn_splits(splits, t.batch_size, self.dist.world_size, t.sync_bn)
+            check_bn_splits(splits, t.batch_size // micro, self.dist.world_size, t.sync_bn)  # per micro-batch
             apply_bn_splits(self.method, splits)  # per-"GPU" statistics in every BatchNorm of the method
         except ValueError as error:
             raise ConfigError(str(error)) from None
@@ -228,10 +290,12 @@ class Trainer:
         self.optimizer = self._optimizer(self.param_groups)
         self.base_lr = scaled_lr(self.cfg.optim, t.batch_size)
         self.model: torch.nn.Module = self.method
+        self.ddp: DistributedDataParallel | None = None
         if self.dist.world_size > 1:
-            self.model = DistributedDataParallel(
+            self.ddp = DistributedDataParallel(
                 self.method, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 broadcast_buffers=False)
+            self.model = self.ddp
         if t.compile:
             self.model = torch.compile(self.model)
 
@@ -244,8 +308,9 @@ class Trainer:
         return torch.optim.AdamW(params, lr=o.lr, **fused)
 
     def _run_dir(self) -> Path:
+        """The run folder, owned by this run (rank 0 holds its lock) and cleared of a killed run's temporary files."""
         t = self.cfg.train
-        name = self.cfg.run_name()
+        name = check_run_name(self.cfg.run_name())
         if self.dist.world_size > 1:  # every rank must agree on rank 0's timestamp
             holder = [name]
             dist.broadcast_object_list(holder, src=0)
@@ -253,7 +318,9 @@ class Trainer:
         run_dir = Path(t.output_dir) / name
         if self.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(self.cfg, run_dir / "config.yaml")
+            self.lock = RunLock(run_dir)
+            self.lock.acquire()
+            remove_orphans(run_dir)
         return run_dir
 
     # ------------------------------------------------------------------ state
@@ -270,6 +337,10 @@ class Trainer:
             "total_steps": self.total_steps,
             "rng_cpu": torch.get_rng_state(),
         }
+        if 0 < self.step_in_epoch < self.steps_per_epoch and hasattr(self, "_running_sums"):
+            loss_sum, log_sums = self._running_sums
+            values = torch.stack([loss_sum, *log_sums.values()]).tolist()  # one transfer, at checkpoint time only
+            state["epoch_sums"] = dict(zip(["loss", *log_sums], values, strict=True))
         if torch.cuda.is_available():
             state["rng_cuda"] = torch.cuda.get_rng_state_all()
         if self.budget is not None:
@@ -277,11 +348,31 @@ class Trainer:
         return state
 
     def save(self) -> None:
-        """Write the checkpoint (rank 0) unless it already holds this position."""
+        """Write the checkpoint (rank 0) unless it already holds this position, and never a non-finite one: the
+        step's loss and every parameter and buffer are checked first, in one fused pass."""
         position = (self.epoch, self.step)
-        if self.is_main and self._saved_at != position:
+        if self._saved_at == position:
+            return
+        if not self._finite():
+            raise NonFiniteLossError(f"the loss or the weights became non-finite by step {self.step} (epoch "
+                                     f"{self.epoch}); {self._kept()}. Lower optim.lr or check the data.")
+        if self.is_main:
             save_checkpoint(self.state_dict(), self.checkpoint_path)
         self._saved_at = position
+
+    def _finite(self) -> bool:
+        """Whether the last loss and all floating parameters and buffers are finite: one multi-tensor norm and one
+        host read (the norm of a tensor holding a NaN or an infinity is not finite)."""
+        tensors = [t.detach() for t in (*self.method.parameters(), *self.method.buffers()) if t.is_floating_point()]
+        if self._last_loss is not None:
+            tensors.append(self._last_loss.reshape(1))
+        norms = [norm.float().reshape(1) for norm in torch._foreach_norm(tensors)] if tensors else []
+        return bool(torch.isfinite(torch.cat(norms)).all()) if norms else True
+
+    def _kept(self) -> str:
+        if self.checkpoint_path.is_file():
+            return f"the last good checkpoint is kept at {self.checkpoint_path}"
+        return "no checkpoint had been written yet, so there is nothing to resume from"
 
     def load(self, path: str | Path) -> None:
         state = load_checkpoint(path, map_location="cpu")
@@ -301,21 +392,34 @@ class Trainer:
         self.epoch, self.step = int(state["epoch"]), int(state["step"])
         self._saved_at = (self.epoch, self.step)
         self.step_in_epoch = int(state.get("step_in_epoch", 0))
+        self._epoch_sums = {str(k): float(v) for k, v in state.get("epoch_sums", {}).items()} if self.step_in_epoch \
+            else {}
         if self.budget_seconds is not None:
             self.total_steps = int(state.get("total_steps", self.total_steps))
             self._seconds_done = float(state.get("train_seconds", 0.0))
         torch.set_rng_state(state["rng_cpu"])
         if "rng_cuda" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng_cuda"])
-        if self.is_main:
-            print(f"resumed from {path} at epoch {self.epoch}, step {self.step}", flush=True)
+        self.say(f"resumed from {path} at epoch {self.epoch}, step {self.step}")
 
     # ------------------------------------------------------------------ one step
 
     def log(self, record: dict[str, Any]) -> None:
+        """One record into ``metrics.jsonl`` (rank 0) and the numbers into the tracking back ends."""
         if self.is_main:
             with open(self.run_dir / "metrics.jsonl", "a") as handle:
                 handle.write(json.dumps(record) + "\n")
+            if self.tracker is not None:
+                values = {key: value for key, value in record.items() if key != "step"}
+                self.tracker.log_scalars(int(record.get("step", self.step)), values)
+
+    def say(self, message: str, *, error: bool = False) -> None:
+        """Show ``message`` (rank 0; above the progress bar) and keep it in the run's ``train.log``."""
+        if not self.is_main:
+            return
+        tqdm.write(message, file=sys.stderr if error else sys.stdout)
+        with open(self.run_dir / "train.log", "a") as handle:
+            handle.write(message + "\n")
 
     @property
     def progress(self) -> Progress:
@@ -346,7 +450,7 @@ class Trainer:
         """The views of a loader batch on the device: moved there, and finished by the route's device step."""
         if isinstance(views, torch.Tensor):
             views = views.to(self.device, non_blocking=True)
-        else:
+        elif pipeline.route != "gpu_decode":  # encoded JPEGs stay on the host for nvjpeg
             views = [view.to(self.device, non_blocking=True) for view in views]
         return pipeline.device_step(views, choices, generator) if pipeline.device_step is not None else views
 
@@ -366,16 +470,12 @@ class Trainer:
             group["weight_decay"] = weight_decay if options.weight_decay else 0.0
         return lr
 
-    def train_step(self, batch: Batch) -> tuple[Any, float]:
+    def train_step(self, batch: Batch) -> tuple[StepOutput, float]:
         self._embed_if_requested()
         self.method.on_step_start(self.progress)
         lr = self._apply_schedules()
-        with self.autocast():
-            out = self.model(batch)
-        if out.neighbours is not None and self.targets is not None:
-            out.logs["purity"] = neighbour_purity(out.neighbours, batch.indices, self.targets)
         self.optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
+        out = self._forward_backward(batch)
         self.method.on_before_optimizer_step(self.progress)
         self.optimizer.step()
         self.step += 1
@@ -385,6 +485,29 @@ class Trainer:
         self.method.on_after_step(self.progress)
         self._log_reports()
         return out, lr
+
+    def _forward_backward(self, batch: Batch) -> StepOutput:
+        """Loss and gradients of one step's batch; with ``train.accumulate_steps=n`` in n micro-batches, each
+        forward on its own (BatchNorm statistics, queue and memory-bank writes per micro-batch), each loss weighted
+        by its share of the batch so the gradients are those of the batch's mean loss, DDP synchronising once."""
+        parts = batch.split(self.cfg.train.accumulate_steps)
+        outs = []
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            with self.ddp.no_sync() if self.ddp is not None and not last else nullcontext():
+                with self.autocast():
+                    out = self.model(part)
+                if out.neighbours is not None and self.targets is not None:
+                    out.logs["purity"] = neighbour_purity(out.neighbours, part.indices, self.targets)
+                (out.loss * (len(part.indices) / len(batch.indices)) if len(parts) > 1 else out.loss).backward()
+            outs.append(out)
+        if len(outs) == 1:
+            return outs[0]
+        weights = [len(part.indices) / len(batch.indices) for part in parts]
+        loss = sum(w * o.loss.detach() for w, o in zip(weights, outs, strict=True))
+        logs = {key: sum(w * o.logs[key].detach().float() for w, o in zip(weights, outs, strict=True))
+                for key in outs[0].logs}
+        return StepOutput(loss, logs)
 
     # ------------------------------------------------------------------ the embedding service
 
@@ -407,28 +530,25 @@ class Trainer:
             pipeline = TrainingViews(eval_views, None, "per_sample")
         else:  # the method's first view, by the run's route
             first = ViewLayout(self.method.views.slots[:1])
-            pipeline = training_views(first, self.cfg.data, self.train_set).to(self.device)
+            pipeline = training_views(first, self.cfg.data, self.train_set, self.device).to(self.device)
 
         def prepare(sample: tuple, generator: torch.Generator) -> torch.Tensor:
             return self._to_device(self._complete(pipeline, sample[0], sample[1], generator)[0])
 
-        loader = self._loader(pipeline.dataset, sampler, request.seed)
+        loader = self._loader(pipeline.dataset, sampler, request.seed, pipeline.collate)
         return embed_shard(request, loader, len(sampler), prepare, self.device)
 
     def _log_reports(self) -> None:
         for record in self.method.take_reports():
             self.log({"step": self.step, **record})
-            if self.is_main:
-                tqdm.write(f"{self.cfg.method.name}: " + " ".join(f"{k}={v}" for k, v in record.items()))
+            self.say(f"{self.cfg.method.name}: " + " ".join(f"{k}={v}" for k, v in record.items()))
 
     # ------------------------------------------------------------------ the loop
 
     def _check_finite(self, loss: torch.Tensor) -> None:
         if not torch.isfinite(loss).all():
-            raise NonFiniteLossError(
-                f"the loss became {loss.item()} at step {self.step} (epoch {self.epoch}); the last good "
-                f"checkpoint is kept at {self.checkpoint_path}. Lower optim.lr or check the data."
-            )
+            raise NonFiniteLossError(f"the loss became {loss.item()} at step {self.step} (epoch {self.epoch}); "
+                                     f"{self._kept()}. Lower optim.lr or check the data.")
 
     def fit(self) -> dict[str, Any]:
         """Train to the end (or the time budget), then run the callbacks' ends (evaluation). A pre-emption signal
@@ -436,17 +556,36 @@ class Trainer:
         continues."""
         previous = self._catch_preemption()
         try:
+            if self.is_main:
+                write_environment(self.run_dir)
+                self.tracker = build_trackers(self.cfg.log.backends, self.run_dir, self.run_dir.name,
+                                              self.cfg.to_dict())
             self._train()
+            results: dict[str, Any] = {}
+            for callback in self.callbacks:  # the signal handler stays: a signal here ends the run cleanly too
+                results.update(callback.on_train_end(self) or {})
+                if self.signalled:
+                    message = (f"stopped by signal {self._signal} after training, in the final evaluation; the "
+                               f"trained checkpoint is saved in {self.run_dir}. Evaluate it with: selfsup eval "
+                               f"{self.run_dir}")
+                    self.say(message, error=True)
+                    raise Preempted(message)
+            return results
         finally:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
-        results: dict[str, Any] = {}
-        for callback in self.callbacks:
-            results.update(callback.on_train_end(self) or {})
-        return results
+            if self.tracker is not None:
+                self.tracker.close()
+                self.tracker = None
+            self.close()
+
+    @property
+    def signalled(self) -> bool:
+        """Whether a pre-emption signal arrived (callbacks may stop early: :meth:`fit` then raises Preempted)."""
+        return self._signal is not None
 
     def _catch_preemption(self) -> dict:
-        self._signal: int | None = None
+        self._signal = None
         if threading.current_thread() is not threading.main_thread():
             return {}
 
@@ -461,8 +600,7 @@ class Trainer:
 
     def _train(self) -> None:
         t = self.cfg.train
-        if self.is_main:
-            print(f"run folder: {self.run_dir}\n{self._summary()}\n{format_config(self.cfg)}", flush=True)
+        self.say(f"run folder: {self.run_dir}\n{self._summary()}\n{format_config(self.cfg)}")
         o = self.cfg.optim
         self.log({"lr_scaling": lr_scaling_in_effect(o), "optim_lr": o.lr,
                   "reference_batch_size": o.reference_batch_size, "batch_size": t.batch_size, "base_lr": self.base_lr})
@@ -482,8 +620,13 @@ class Trainer:
         t = self.cfg.train
         self.method.train()
         self.sampler.set_epoch(self.epoch, self.step_in_epoch)
-        started, seen, loss_sum = self.clock(), 0, torch.zeros((), device=self.device)
-        log_sums: dict[str, torch.Tensor] = {}
+        # the sums of the epoch so far: restored from a mid-epoch checkpoint, so the epoch's means cover it whole
+        restored, self._epoch_sums = self._epoch_sums, {}
+        first_step = 0 if restored else self.step_in_epoch
+        started, seen = self.clock(), 0
+        loss_sum = torch.tensor(restored.get("loss", 0.0), device=self.device)
+        log_sums = {key: torch.tensor(value, device=self.device) for key, value in restored.items() if key != "loss"}
+        self._running_sums = (loss_sum, log_sums)  # what a mid-epoch checkpoint saves
         bar = tqdm(self.loader, total=self.steps_per_epoch, initial=self.step_in_epoch,
                    desc=f"epoch {self.epoch + 1}/{self.planned_epochs}", leave=False, dynamic_ncols=True,
                    disable=not (t.progress_bar and self.is_main), file=sys.stdout)
@@ -491,10 +634,11 @@ class Trainer:
         for sample in bar:
             out, lr = self.train_step(self.to_batch(sample))
             seen += sample[2].shape[0] * self.dist.world_size
+            self._last_loss = out.loss.detach()
             loss_sum += out.loss.detach().float()
             for key, value in out.logs.items():  # summed on the device: no host sync per step
-                log_sums[key] = log_sums.get(key, 0.0) + value.detach().float()
-            if self.step % t.log_every_steps == 0 or self.device.type == "cpu":
+                log_sums[key] = log_sums[key] + value.detach().float() if key in log_sums else value.detach().float()
+            if self.step % self.finite_check_every == 0:
                 self._check_finite(out.loss.detach())
             if self.step % t.log_every_steps == 0:
                 record = {"step": self.step, "epoch": self.step / self.steps_per_epoch,
@@ -516,7 +660,7 @@ class Trainer:
         bar.close()
         if stop and self.step_in_epoch < self.steps_per_epoch:
             return True  # mid-epoch stop: the final checkpoint resumes inside this epoch (a budget run is done)
-        self._end_epoch(self.clock() - started, seen, loss_sum, log_sums)
+        self._end_epoch(self.clock() - started, seen, loss_sum, log_sums, first_step)
         return stop
 
     def _stop_for_signal(self) -> None:
@@ -524,12 +668,12 @@ class Trainer:
         message = (f"stopped by signal {self._signal} at step {self.step}; checkpoint saved in "
                    f"{self.run_dir}. Resume with: selfsup train --resume {self.run_dir}")
         self.log({"preempted_at_step": self.step})
-        if self.is_main:
-            print(message, file=sys.stderr, flush=True)
+        self.say(message, error=True)
         raise Preempted(message)
 
-    def _end_epoch(self, elapsed: float, seen: int, loss_sum: torch.Tensor, log_sums: dict[str, torch.Tensor]) -> None:
-        steps_done = self.steps_per_epoch - self.sampler.start_batch
+    def _end_epoch(self, elapsed: float, seen: int, loss_sum: torch.Tensor, log_sums: dict[str, torch.Tensor],
+                   first_step: int) -> None:
+        steps_done = self.steps_per_epoch - first_step  # all of them, unless resumed from an older checkpoint
         self.epoch += 1
         self.step_in_epoch = 0
         summary: dict[str, Any] = {"epoch_end": self.epoch, "seconds": round(elapsed, 2),
@@ -537,17 +681,36 @@ class Trainer:
         summary["loss_mean"] = float(distributed.all_reduce_mean(loss_sum)) / max(steps_done, 1)
         for key, total in log_sums.items():  # epoch means of what the method logs (e.g. purity)
             summary[f"{key}_mean"] = float(distributed.all_reduce_mean(total)) / max(steps_done, 1)
+        if first_step:
+            summary["partial_from_step"] = first_step  # the means cover the steps after a resume only
         if self.train_set.skipped:
             summary["skipped_images"] = self.train_set.skipped
         for callback in self.callbacks:
             callback.on_epoch_end(self, summary)
         self.log(summary)
-        if self.is_main:
-            scores = " ".join(f"{k}={v:.4g}" for k, v in summary.items() if k != "epoch_end")
-            print(f"epoch {self.epoch}/{self.planned_epochs}: {scores}", flush=True)
+        scores = " ".join(f"{k}={v:.4g}" for k, v in summary.items() if k != "epoch_end")
+        self.say(f"epoch {self.epoch}/{self.planned_epochs}: {scores}")
         if self.epoch % self.cfg.train.checkpoint_every_epochs == 0 or self.epoch == self.planned_epochs:
             self.save()
+            self._keep_epoch_checkpoint()
             self._last_save = self.clock()
+
+    def _keep_epoch_checkpoint(self) -> None:
+        """``train.keep_checkpoints=N``: a copy of this epoch's checkpoint (a hard link where the disk allows), and
+        only the last N such copies."""
+        keep = self.cfg.train.keep_checkpoints
+        if keep <= 0 or not self.is_main or not self.checkpoint_path.is_file():
+            return
+        copy_path = self.run_dir / f"checkpoint-epoch{self.epoch}.pt"
+        copy_path.unlink(missing_ok=True)
+        try:
+            os.link(self.checkpoint_path, copy_path)
+        except OSError:
+            shutil.copyfile(self.checkpoint_path, copy_path)
+        kept = sorted(self.run_dir.glob("checkpoint-epoch*.pt"),
+                      key=lambda path: int(path.stem.removeprefix("checkpoint-epoch")))
+        for old in kept[:-keep]:
+            old.unlink(missing_ok=True)
 
     @property
     def planned_epochs(self) -> int:

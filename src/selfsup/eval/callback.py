@@ -10,9 +10,9 @@ import json
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
 from selfsup.config import Config
+from selfsup.engine.checkpoint import atomic_write
 from selfsup.engine.trainer import Callback, Trainer
 from selfsup.eval.clustering import clustering_scores
 from selfsup.eval.features import check_pool_grid
@@ -52,7 +52,7 @@ class Evaluation(Callback):
                                                    seed=self.cfg.train.seed)
         trainer.log({"step": trainer.step, **{f"label_{k}": v for k, v in self.assignment_scores.items()}})
         shown = " ".join(f"{k}={v:.2f}" for k, v in self.assignment_scores.items())
-        tqdm.write(f"cluster assignments vs labels: {shown}")
+        trainer.say(f"cluster assignments vs labels: {shown}")
 
     def on_epoch_end(self, trainer: Trainer, summary: dict[str, Any]) -> None:
         every = self.cfg.eval.monitor_every_epochs
@@ -64,19 +64,33 @@ class Evaluation(Callback):
         if not (e.at_end and e.protocols and trainer.is_main):
             return {}
         results = self.evaluate(trainer, e.protocols, random_init=e.compare_random_init)
-        with open(trainer.run_dir / "eval.json", "w") as handle:
-            json.dump(results, handle, indent=2)
-        print(format_scores(results), flush=True)
-        print(f"run folder: {trainer.run_dir}", flush=True)
+        if trainer.signalled:
+            return {}  # stopped part-way: no eval.json that would look complete
+        atomic_write(trainer.run_dir / "eval.json", lambda handle: handle.write(json.dumps(results, indent=2).encode()))
+        trainer.say(format_scores(results))
+        trainer.say(f"run folder: {trainer.run_dir}")
+        if trainer.tracker is not None:
+            trainer.tracker.log_scores(results, trainer.step)
+            if self.cfg.log.figures:
+                self.log_curves(trainer)
         return results
+
+    @staticmethod
+    def log_curves(trainer: Trainer) -> None:
+        """The report's training curves (loss, lr, monitors) as images in the tracking back ends."""
+        from selfsup.eval.report import curve_figures, read_metrics, split_records
+
+        steps, epochs = split_records(read_metrics(trainer.run_dir))
+        for title, png in curve_figures(steps, epochs):
+            trainer.tracker.log_image(f"curves/{title}", png, trainer.step)
 
     def evaluate(self, trainer: Trainer, protocols: list[str], *, random_init: bool,
                  quiet: bool = False) -> dict[str, dict]:
-        """Scores of the trained backbone (and of the same backbone at its initial weights)."""
+        """Scores of the trained backbone (and of the same backbone at its initial weights, unless a signal came)."""
         progress = not quiet and self.cfg.train.progress_bar
         results = {"trained": evaluate_backbone(trainer.method.backbone, self.cfg, trainer.device, protocols,
                                                 progress=progress)}
-        if random_init:
+        if random_init and not trainer.signalled:
             results["random_init"] = evaluate_backbone(trainer.initial_backbone_copy(), self.cfg, trainer.device,
                                                        protocols, progress=progress, note_skipped=False)
         return results

@@ -77,7 +77,8 @@ def _search_chunks(train_features: torch.Tensor, query_features: torch.Tensor, k
             sims, idx = index.search(query.detach().float().cpu().contiguous().numpy(), k)
             yield start, torch.from_numpy(sims).to(device), torch.from_numpy(idx).long().to(device)
         else:
-            sims = query.to(device, train_features.dtype) @ train_features.T
+            with torch.autocast(device.type, enabled=False):  # the features' precision even under autocast (bf16 ties)
+                sims = query.to(device, train_features.dtype) @ train_features.T
             top, idx = sims.topk(k, dim=1)  # sorted, largest first
             yield start, top.float(), idx
 

@@ -63,6 +63,16 @@ class Batch:
     indices: torch.Tensor  # (B,) int64 dataset indices
     choices: dict[str, torch.Tensor] = field(default_factory=dict)  # (B,) bool per choice of the layout (Mugs)
 
+    def split(self, parts: int) -> list[Batch]:
+        """``parts`` consecutive micro-batches (gradient accumulation); the batch itself when ``parts`` is 1."""
+        if parts == 1:
+            return [self]
+        views = [view.tensor_split(parts) for view in self.views]
+        indices = self.indices.tensor_split(parts)
+        choices = {name: value.tensor_split(parts) for name, value in self.choices.items()}
+        return [Batch([v[i] for v in views], indices[i], {name: c[i] for name, c in choices.items()})
+                for i in range(parts)]
+
 
 @dataclass
 class StepOutput:

@@ -37,7 +37,9 @@ class BYOLConfig(MethodConfig):
 
 
 def byol_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    """mean_b (2 − 2·cos(p_b, z_b)) = mean_b ‖n(p_b) − n(z_b)‖²."""
+    """mean_b (2 − 2·cos(p_b, z_b)) = mean_b ‖n(p_b) − n(z_b)‖², in float32 (CPU autocast would keep bf16 here,
+    a loss step of 2⁻⁶ near 2 and a cosine step of 2⁻⁸ near 1)."""
+    p, z = p.float(), z.float()
     return (2 - 2 * (F.normalize(p, dim=1) * F.normalize(z, dim=1)).sum(dim=1)).mean()
 
 

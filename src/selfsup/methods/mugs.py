@@ -168,8 +168,10 @@ def local_group_memory(size: int, dim: int, legacy_ptr_bug: bool = False) -> Mem
 
 @torch.no_grad()
 def memory_neighbours(memory: MemoryBank, query: torch.Tensor, n: int) -> torch.Tensor:
-    """(B, n, D): the ``n`` rows with the largest cosine to each query row (rows as stored), without gradient."""
-    return memory.bank[memory.topk(query.float(), n, cosine=True)[1]]
+    """(B, n, D): the ``n`` rows with the largest cosine to each query row (rows as stored), without gradient; the
+    cosines in float32 even under autocast (bf16 would tie rows whose cosines differ by less than 2⁻⁸)."""
+    with torch.autocast(query.device.type, enabled=False):
+        return memory.bank[memory.topk(query.float(), n, cosine=True)[1]]
 
 
 class MugsOutput(NamedTuple):

@@ -133,7 +133,10 @@ class WeightNormLinear(nn.Module):
         self.weight_g = nn.Parameter(torch.ones(out_dim, 1), requires_grad=not freeze_norm)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight_g * self.weight_v / self.weight_v.norm(dim=1, keepdim=True))
+        # float32 even under bf16 autocast: these are cosines divided by the teacher's τ (0.04), where bf16's 2⁻⁸
+        # rounding would move a logit by up to 0.1 (fp16 AMP, as DINO and Mugs trained: 0.012)
+        with torch.autocast(x.device.type, enabled=False):
+            return F.linear(x.float(), self.weight_g * self.weight_v / self.weight_v.norm(dim=1, keepdim=True))
 
 
 class GroupHead(nn.Module):

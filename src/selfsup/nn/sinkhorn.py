@@ -71,7 +71,8 @@ def power_softmax(x: torch.Tensor, lamb: float, *, weight: torch.Tensor | None =
     for start in range(0, n, chunk_size):
         z = x[start:start + chunk_size].to(compute, dtype, copy=w is None)  # never modify the caller's x
         if w is not None:
-            z = z @ w.T if b is None else torch.addmm(b, z, w.T)
+            with torch.autocast(compute.type, enabled=False):  # in ``dtype`` even under autocast (not bf16)
+                z = z @ w.T if b is None else torch.addmm(b, z, w.T)
         z.mul_(lamb)
         z.sub_(z.amax(dim=1, keepdim=True)).exp_()  # in place: one chunk of temporaries
         z.div_(z.sum(dim=1, keepdim=True))
@@ -125,8 +126,9 @@ def sinkhorn_knopp(p: torch.Tensor, *, tol: float = 0.1, check_every: int = 10, 
             warnings.warn(f"Sinkhorn-Knopp stopped after {max_iters} iterations with error {error:.3g} > {tol}",
                           RuntimeWarning, stacklevel=2)
             break
-        r = target / reduce(torch.mv(p.T, c)).clamp_(min=tiny)  # cluster marginals (K,), summed over all samples
-        c_new = (1.0 / n) / torch.mv(p, r)  # this rank's samples
+        with torch.autocast(p.device.type, enabled=False):  # CUDA autocast runs torch.mv of a float32 P in bf16
+            r = target / reduce(torch.mv(p.T, c)).clamp_(min=tiny)  # cluster marginals (K,), summed over all samples
+            c_new = (1.0 / n) / torch.mv(p, r)  # this rank's samples
         if iteration % check_every == 0:
             if not (torch.isfinite(r).all() and torch.isfinite(c_new).all()):
                 raise FloatingPointError(f"Sinkhorn-Knopp scalings overflowed in {p.dtype} at iteration {iteration}: "
