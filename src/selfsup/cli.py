@@ -1,4 +1,5 @@
-"""Command line: ``selfsup train | eval | export | import | recipes``. Thin: parse, load config, call the library.
+"""Command line: ``selfsup train | eval | embed | export | import | report | recipes ...``. Thin: parse, load config,
+call the library.
 
 A failure is one ``selfsup: error: ...`` line on stderr, never a traceback: exit code 2 for input that does not fit
 (a config value, a recipe, a checkpoint, a data file, an image), 1 for a disk that refuses a read or write (full,
@@ -11,29 +12,14 @@ import argparse
 import errno
 import json
 import sys
-from pathlib import Path
 
 import yaml
 
+from selfsup import __version__
 from selfsup.config import Config, ConfigError, config_from_dict, load_config, parse_override, set_dotted
+from selfsup.recipe_files import RECIPES, find_recipe
 
-RECIPES = Path(__file__).parent / "configs"
-
-
-def find_recipe(word: str) -> Path:
-    """A YAML path, or the bare name of a packaged recipe (``quickstart``, ``msf_resnet50_imagenet``)."""
-    path = Path(word)
-    if path.is_file():
-        return path
-    packaged = RECIPES / (word if word.endswith((".yaml", ".yml")) else f"{word}.yaml")
-    if packaged.is_file():
-        return packaged
-    packaged = RECIPES / Path(word).name
-    if packaged.is_file():
-        return packaged
-    names = sorted(p.stem for p in RECIPES.glob("*.yaml"))
-    raise ConfigError(f"recipe {word!r} not found; give a YAML path or one of: {', '.join(names)}")
-
+__all__ = ["RECIPES", "find_recipe", "main", "parser"]  # RECIPES and find_recipe: re-exported for scripts
 
 def config_for_train(args: argparse.Namespace) -> Config:
     words = list(args.words)
@@ -85,6 +71,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_embed(args: argparse.Namespace) -> int:
+    from selfsup.eval.embed import embed_folder
+
+    embeddings, written = embed_folder(args.source, args.folder, args.out, args.words, batch_size=args.batch_size,
+                                       workers=args.workers, device=args.device, normalize=not args.raw,
+                                       skip_corrupt=args.skip_corrupt)
+    rows, dim = embeddings.features.shape
+    kind = "raw" if args.raw else "L2-normalised"
+    print(f"{rows} images x {dim} features ({kind}) from {args.source}; wrote {', '.join(map(str, written))}")
+    if embeddings.skipped:
+        print(f"left out {len(embeddings.skipped)} unreadable image(s), e.g. {embeddings.skipped[0]}")
+    if not any(path.suffix == ".parquet" for path in written):
+        print("no .parquet written: pyarrow is not installed (pip install pyarrow)")
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from selfsup.export import export_run
 
@@ -129,7 +131,10 @@ def cmd_report(args: argparse.Namespace) -> int:
     from selfsup.eval.report import ChromiumError, build_report, render_in_chromium
 
     path = build_report(args.run, args.out, embedding=args.embedding, max_points=args.max_points, device=args.device,
-                        overrides=args.words)
+                        overrides=args.words, retrieval_queries=args.retrieval_queries,
+                        memory_images=args.memory_images, clusters=args.clusters, duplicate_pairs=args.duplicate_pairs,
+                        clusters_per_side=args.clusters_per_side, images_per_cluster=args.images_per_cluster,
+                        attention_images=args.attention_images)
     print(f"wrote {path}")
     if args.screenshot:
         try:
@@ -149,7 +154,10 @@ def cmd_recipes(args: argparse.Namespace) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
+    from selfsup.eval.protocols import LABEL_FREE_PROTOCOLS, LABEL_PROTOCOLS
+
     p = argparse.ArgumentParser(prog="selfsup", description="Self-supervised visual representation learning.")
+    p.add_argument("--version", action="version", version=f"selfsup {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="pre-train a backbone (no argument: the built-in quickstart)")
     t.add_argument("words", nargs="*", metavar="RECIPE|key=value",
@@ -162,11 +170,28 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("checkpoint", metavar="RUN_OR_CHECKPOINT")
     e.add_argument("words", nargs="*", metavar="key=value", help="overrides, e.g. data.path=... eval.knn_k=200")
     e.add_argument("--protocol", default="knn,nn",
-                   help="comma-separated: knn, nn, cluster, align, linear (default knn,nn)")
+                   help=f"comma-separated, from {', '.join(LABEL_PROTOCOLS)} (these need class labels: skipped with a "
+                        f"note on a data set without) and {', '.join(LABEL_FREE_PROTOCOLS)} (label-free) "
+                        "(default knn,nn)")
     e.add_argument("--random-init", action="store_true", help="also score the same backbone at initialisation")
     e.add_argument("--device", default=None, help="cpu | cuda (default: the run's train.device)")
     e.add_argument("--json", action="store_true", help="also print the scores as JSON")
     e.set_defaults(func=cmd_eval)
+    em = sub.add_parser("embed", help="features of every image of a folder (recursive) as OUT.npy + OUT.csv of paths "
+                        "(+ OUT.parquet with pyarrow)")
+    em.add_argument("source", metavar="RUN|BACKBONE_FILE")
+    em.add_argument("folder", metavar="FOLDER", help="images, in sub-folders or not")
+    em.add_argument("out", metavar="OUT", help="output name: OUT.npy, OUT.csv (and OUT.parquet) are written")
+    em.add_argument("words", nargs="*", metavar="key=value",
+                    help="overrides, e.g. data.image_size=224 for a backbone file (its eval transform's size)")
+    em.add_argument("--batch-size", type=int, metavar="N", default=None,
+                    help="images per batch (default eval.batch_size)")
+    em.add_argument("--workers", type=int, metavar="N", default=None,
+                    help="DataLoader workers (default data.num_workers)")
+    em.add_argument("--device", default=None, help="cpu | cuda (default: the run's train.device)")
+    em.add_argument("--raw", action="store_true", help="the backbone's features as they are (default: L2-normalised)")
+    em.add_argument("--skip-corrupt", action="store_true", help="leave out unreadable images instead of stopping")
+    em.set_defaults(func=cmd_embed)
     x = sub.add_parser("export", help="write a run's backbone alone (plain torchvision/timm keys)")
     x.add_argument("checkpoint", metavar="RUN_OR_CHECKPOINT")
     x.add_argument("output", metavar="OUT", help="backbone.safetensors or backbone.pt")
@@ -198,6 +223,20 @@ def parser() -> argparse.ArgumentParser:
                      help="2-D embedding of the val features (umap needs umap-learn; default tsne)")
     rep.add_argument("--max-points", type=int, default=1500, help="val images in the embedding (default 1500)")
     rep.add_argument("--device", default=None, help="cpu | cuda (default: the run's train.device)")
+    rep.add_argument("--retrieval-queries", type=int, metavar="N", default=6,
+                     help="validation images shown with their nearest training images (default 6)")
+    rep.add_argument("--memory-images", type=int, metavar="N", default=10_000,
+                     help="training images searched for neighbours and near duplicates (seeded subset; default 10000)")
+    rep.add_argument("--clusters", type=int, metavar="N", default=None,
+                     help="k of the k-means without labels (default 10; with labels: the number of classes)")
+    rep.add_argument("--clusters-per-side", type=int, metavar="N", default=3,
+                     help="clusters shown at each end of the ranking (default 3)")
+    rep.add_argument("--images-per-cluster", type=int, metavar="N", default=10,
+                     help="images in each cluster row (default 10)")
+    rep.add_argument("--duplicate-pairs", type=int, metavar="N", default=12,
+                     help="near-duplicate pairs shown (default 12)")
+    rep.add_argument("--attention-images", type=int, metavar="N", default=4,
+                     help="ViT runs: images with attention maps (default 4)")
     rep.add_argument("--screenshot", default=None, metavar="PNG", help="also render the page in headless Chromium")
     rep.add_argument("--screenshot-height", type=int, default=3600, help="screenshot height in pixels (default 3600)")
     rep.set_defaults(func=cmd_report)

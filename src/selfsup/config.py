@@ -129,7 +129,8 @@ EVAL_PROTOCOLS = ("knn", "nn", "cluster", "align", "linear", "rankme", "duplicat
 
 @dataclass
 class DataConfig:
-    name: str = "digits"  # digits | fashion-mnist | imagefolder | cifar10 | cifar100 | stl10 | synthetic
+    # digits | fashion-mnist | imagefolder | folder | filelist | cifar10 | cifar100 | stl10 | synthetic
+    name: str = "digits"
     path: str | None = None  # data-set root; None uses the data set's default location
     image_size: int = checked(32, ge=1)  # side of the training crops fed to the backbone
     train_split: str = "train"  # split used for self-supervised training
@@ -149,6 +150,13 @@ class DataConfig:
     eval_crop_ratio: float = checked(0.875, gt=0, le=1)
     # data.augment=batch on JPEG folders: cpu (the workers) | gpu (nvjpeg, batched on the device)
     decode: str = checked("cpu", choices=("cpu", "gpu"))
+    # labels: auto (data.name=folder: class sub-folders when every image sits in one; filelist: its label column) |
+    # none (every image unlabelled, any data set) | folders (data.name=folder: class sub-folders, required)
+    labels: str = checked("auto", choices=("auto", "none", "folders"))
+    # folder / filelist without train/ and val/ (or a split column): this fraction of the images is held out as the
+    # val split, stratified by label, chosen by a hash of each path and split_seed (not train.seed: the split stays)
+    val_fraction: float = checked(0.1, ge=0, lt=1)
+    split_seed: int = 0
 
 
 @dataclass

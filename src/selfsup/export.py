@@ -44,6 +44,7 @@ from selfsup.engine.checkpoint import (
     save_checkpoint,
 )
 from selfsup.models import BACKBONES, build_backbone  # the package import registers the ViTs and sela_resnet50
+from selfsup.models.backbones import TIMM_PREFIX, is_backbone
 
 FORMAT = "selfsup-backbone/1"
 SUFFIXES = (".safetensors", ".pt", ".pth")
@@ -76,6 +77,9 @@ class BackboneInfo:
         if self.backbone == "sela_resnet50" and not self.small_stem:  # the official key layout, not torchvision's
             return (f"{own}; or self-label's models.resnetv2(num_classes=[K] * hc).load_state_dict(state, "
                     "strict=False) (only its top_layer* heads are missing)")
+        if self.backbone.startswith(TIMM_PREFIX):
+            return (f"{own}; or timm.create_model({self.backbone[len(TIMM_PREFIX):]!r}, pretrained=False, "
+                    "num_classes=0).load_state_dict(state)")
         if not hasattr(torchvision.models, self.backbone):  # selfsup's own (resnet_mini, ViTs ...)
             return own
         hint = f"net = torchvision.models.{self.backbone}(); net.fc = torch.nn.Identity()"
@@ -198,7 +202,7 @@ def check_fits(tensors: dict[str, torch.Tensor], info: BackboneInfo, path: str |
 def build_from_info(info: BackboneInfo) -> nn.Module:
     """A freshly initialised module with the architecture ``info`` describes (on the default device)."""
     model = info.model_config()
-    if model.backbone not in BACKBONES:
+    if not is_backbone(model.backbone):
         raise CheckpointError(f"backbone {model.backbone!r} is not in this selfsup version's registry "
                               f"({', '.join(sorted(BACKBONES))})")
     return build_backbone(model)[0]

@@ -1,13 +1,16 @@
-"""Registry of labelled image data sets, all read offline from their usual on-disk formats.
+"""Registry of image data sets, all read offline from their usual on-disk formats, labelled or not.
 
-Every data set is an :class:`ImageDataset`: ``ds[i]`` is ``(RGB PIL image, label)``, ``ds.targets``
-holds all labels without decoding images, and ``ds.describe(i)`` names the sample in error messages.
+Every data set is an :class:`ImageDataset`: ``ds[i]`` is ``(RGB PIL image, label)`` (label -1: unlabelled),
+``ds.targets`` holds all labels without decoding images, and ``ds.describe(i)`` names the sample in error messages.
 ``build_dataset(cfg, split)`` picks one by ``cfg.name``. Array-backed sets (digits, Fashion-MNIST,
-CIFAR, STL-10, synthetic) are decoded once per process and shared by their splits.
+CIFAR, STL-10, synthetic) are decoded once per process and shared by their splits. ``folder`` (any folder of
+images) and ``filelist`` (a text or CSV list of paths) need no labels and hold out a seeded split when they have
+none of their own; ``data.labels=none`` makes any data set unlabelled.
 """
 
 from __future__ import annotations
 
+import csv
 import gzip
 import io
 import math
@@ -17,6 +20,8 @@ import pickle
 import warnings
 import zlib
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from hashlib import blake2b
 from multiprocessing.context import get_spawning_popen
 from pathlib import Path
 from typing import Any
@@ -28,6 +33,7 @@ from PIL import Image
 from selfsup.config import ConfigError, DataConfig, check_choice
 from selfsup.data.decode import load_rgb, open_image, oriented_size
 from selfsup.errors import ImageLoadError  # noqa: F401  (re-exported)
+from selfsup.registry import DATASETS
 
 
 class DataFormatError(RuntimeError):
@@ -114,26 +120,32 @@ class ArrayDataset(ImageDataset):
 # registry
 
 DatasetBuilder = Callable[[DataConfig, str], ImageDataset]
-DATASETS: dict[str, DatasetBuilder] = {}
 
 # decoded arrays shared by the builds of one process, keyed by file path (+ size and mtime)
 _CACHE: dict[tuple[Any, ...], Any] = {}
 
+LABEL_MODES = ("auto", "none", "folders")  # data.labels
+
 
 def register_dataset(name: str) -> Callable[[DatasetBuilder], DatasetBuilder]:
     """Decorator: make ``data.name=<name>`` build a data set with ``builder(cfg, split)``."""
-
-    def decorate(builder: DatasetBuilder) -> DatasetBuilder:
-        DATASETS[name] = builder
-        return builder
-
-    return decorate
+    return DATASETS.register(name)
 
 
 def build_dataset(cfg: DataConfig, split: str) -> ImageDataset:
     """The ``split`` (e.g. ``cfg.train_split``) of data set ``cfg.name``; ``cfg.subset`` trims training."""
-    check_choice("data.name", cfg.name, DATASETS)
-    dataset = DATASETS[cfg.name](cfg, split)
+    if cfg.name.startswith("python:") and cfg.name not in DATASETS:
+        raise ConfigError(f"data.name={cfg.name!r} was a torch Dataset given to selfsup.train() in another Python "
+                          "process; pass it again there (dataset=...), or register it with @register_dataset in a "
+                          "module named under imports")
+    builder = DATASETS[cfg.name]  # an unknown name: one error with the nearest name
+    check_choice("data.labels", cfg.labels, LABEL_MODES)
+    if cfg.labels == "folders" and cfg.name != "folder":
+        raise ConfigError(f"data.labels=folders reads class sub-folders of data.name=folder; {cfg.name!r} has labels "
+                          "of its own: use data.labels=auto (them) or none (no labels)")
+    dataset = builder(cfg, split)
+    if cfg.labels == "none":
+        dataset.targets, dataset.classes = np.full(len(dataset.targets), -1, dtype=np.int64), []
     if cfg.subset is not None and split == cfg.train_split:
         if cfg.subset <= 0:
             raise ConfigError(f"data.subset must be a positive number of images or null, got {cfg.subset}")
@@ -777,3 +789,328 @@ def _build_imagefolder(cfg: DataConfig, split: str) -> ImageDataset:
     if not classes:
         raise FileNotFoundError(f"{class_root} has no class sub-folders; expected {class_root}/<class>/*.jpg")
     return ImageFolderDataset(root, split, classes, skip_corrupt=cfg.skip_corrupt)
+
+
+# ---------------------------------------------------------------------------------------------
+# folder / filelist: images you have, labelled or not, with a seeded held-out split when they bring none
+
+
+class ImageFilesDataset(ImageFolderDataset):
+    """Images named by path, with their labels (-1: unlabelled) and class names: ``data.name=folder`` and
+    ``filelist``. Read as :class:`ImageFolderDataset` reads them (upright by their EXIF orientation, opened lazily
+    for stage 1's reduced-size decode; an :class:`ImageLoadError` naming the path, or skipped and counted with
+    ``data.skip_corrupt``)."""
+
+    def __init__(self, name: str, split: str, root: Path, paths: Sequence[str], targets: Sequence[int] | np.ndarray,
+                 classes: Sequence[str], skip_corrupt: bool = False) -> None:
+        self.name, self.split, self.classes = name, split, list(classes)
+        self.root, self.skip_corrupt = root, skip_corrupt
+        self.paths = list(paths)
+        self.targets = np.asarray(targets, dtype=np.int64).reshape(len(self.paths))
+        self._bad: set[str] = set()
+        self._skip_count = multiprocessing.Value("i", 0)
+
+
+def held_out(keys: Sequence[str], targets: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """Which items form the held-out split: in each label group (the unlabelled items are one group) of n items, the
+    ``round(fraction * n)`` (at least 1 and at most n - 1 when n >= 2) whose hash of ``(seed, key)`` is lowest.
+
+    An item's place depends only on its key (e.g. its path relative to the data set's root), the seed and its group's
+    size: not on the training seed, the order of the files or where the folder is mounted."""
+    targets = np.asarray(targets)
+    ranks = np.array([int.from_bytes(blake2b(f"{seed}\0{key}".encode(), digest_size=8).digest(), "big")
+                      for key in keys], dtype=np.uint64)
+    mask = np.zeros(len(keys), dtype=bool)
+    if fraction <= 0:
+        return mask
+    for label in np.unique(targets):
+        group = np.flatnonzero(targets == label)
+        count = round(fraction * len(group))
+        if len(group) >= 2:
+            count = min(max(count, 1), len(group) - 1)
+        mask[group[np.argsort(ranks[group], kind="stable")[:count]]] = True
+    return mask
+
+
+def _check_holdout(cfg: DataConfig) -> None:
+    if not 0.0 <= cfg.val_fraction < 1.0:
+        raise ConfigError(f"data.val_fraction is the fraction of images held out for validation, in [0, 1); got "
+                          f"{cfg.val_fraction}")
+
+
+def _holdout_split(cfg: DataConfig, split: str, keys: Sequence[str], targets: np.ndarray, where: str) -> np.ndarray:
+    """The rows of ``split`` (train, val or all) when the data bring no split of their own: ``data.val_fraction``
+    held out by :func:`held_out` with ``data.split_seed``."""
+    _check_split(cfg, split, ["train", "val", "all"])
+    _check_holdout(cfg)
+    if split == "all":
+        return np.arange(len(keys))
+    val = held_out(keys, targets, cfg.val_fraction, cfg.split_seed)
+    if split == "val" and not val.any():
+        raise ConfigError(f"{where} has no val/ split and data.val_fraction={cfg.val_fraction} holds out no image of "
+                          f"its {len(keys)}: raise data.val_fraction (e.g. 0.1) or add images")
+    return np.flatnonzero(val if split == "val" else ~val)
+
+
+def _relative_parts(pool: Path, paths: Sequence[str]) -> list[list[str]]:
+    """Each path (found under ``pool`` by :func:`_images_under`) relative to ``pool``, split into its parts."""
+    prefix = os.path.join(str(pool), "")
+    return [path[len(prefix):].split(os.sep) if path.startswith(prefix) else os.path.relpath(path, pool).split(os.sep)
+            for path in paths]
+
+
+def _folder_classes(pool: Path, paths: Sequence[str], mode: str) -> list[str | None] | None:
+    """The class of each image, its immediate sub-folder of ``pool``, under ``data.labels=mode`` (None: the data set
+    is unlabelled). ``auto`` takes classes only when every image sits in a sub-folder and there are at least two;
+    ``folders`` requires the former."""
+    if mode == "none":
+        return None
+    parts = _relative_parts(pool, paths)
+    loose = [path for path, rel in zip(paths, parts, strict=True) if len(rel) == 1]
+    if mode == "folders" and loose:
+        raise DataFormatError(f"data.labels=folders: {len(loose)} image(s) of {pool} lie in no class sub-folder "
+                              f"(e.g. {loose[0]}); move them into one, or use data.labels=auto / none")
+    names = [rel[0] for rel in parts]
+    if mode == "auto" and (loose or len(set(names)) < 2):
+        return None
+    return names  # type: ignore[return-value]
+
+
+def _split_classes(folder: Path, paths: Sequence[str], mode: str) -> list[str | None]:
+    """The classes of another split of a labelled folder: its sub-folders; an image lying loose in it is unlabelled
+    (``data.labels=auto``) or an error (``folders``)."""
+    if mode == "folders":
+        return _folder_classes(folder, paths, mode)  # type: ignore[return-value]
+    return [rel[0] if len(rel) > 1 else None for rel in _relative_parts(folder, paths)]
+
+
+def _labels_of(names: Sequence[str | None], classes: list[str], where: str) -> np.ndarray:
+    """Class names (None: unlabelled) as indices into ``classes`` (-1: unlabelled)."""
+    index = {c: k for k, c in enumerate(classes)}
+    unknown = sorted({n for n in names if n is not None and n not in index})
+    if unknown:
+        raise DataFormatError(f"{where} has classes absent from the training split's {len(classes)} classes: "
+                              f"{unknown[:5]}; give every split the same class folders, or set data.labels=none")
+    return np.array([index[n] if n is not None else -1 for n in names], dtype=np.int64)
+
+
+def _no_images(folder: Path) -> FileNotFoundError:
+    return FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {folder}: data.path should be a "
+                             "folder holding image files (in sub-folders or not)")
+
+
+@register_dataset("folder")
+def _build_folder(cfg: DataConfig, split: str) -> ImageDataset:
+    """Every image under ``data.path`` (recursive). With ``train/`` and ``val/`` sub-folders (``data.train_split``,
+    ``data.val_split``) those are the splits; otherwise (the images directly, or a ``train/`` alone) the val split is
+    ``data.val_fraction`` of them, held out by :func:`held_out`. Labels: ``data.labels``."""
+    if cfg.path is None:
+        raise ConfigError("data.name='folder' needs data.path=<a folder of images> (any layout; class sub-folders "
+                          "become labels with data.labels=auto)")
+    root = Path(cfg.path)
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder {root} does not exist; set data.path to a folder of images")
+    train_dir = root / cfg.train_split
+    if train_dir.is_dir() and (root / cfg.val_split).is_dir():  # the folder brings its own splits
+        _check_split(cfg, split, _subfolders(root))
+        train_paths = _images_under(train_dir)
+        paths = train_paths if split == cfg.train_split else _images_under(root / split)
+        if not paths:
+            raise _no_images(root / split)
+        classes = _folder_classes(train_dir, train_paths, cfg.labels)
+        if classes is None:  # unlabelled: the other split may not be labelled either
+            return ImageFilesDataset("folder", split, root, paths, np.full(len(paths), -1), [], cfg.skip_corrupt)
+        names = sorted(set(classes))
+        split_names = classes if split == cfg.train_split else _split_classes(root / split, paths, cfg.labels)
+        labels = _labels_of(split_names, names, str(root / split))
+        return ImageFilesDataset("folder", split, root, paths, labels, names, cfg.skip_corrupt)
+    pool = train_dir if train_dir.is_dir() else root
+    paths = _images_under(pool)
+    if not paths:
+        raise _no_images(pool)
+    classes = _folder_classes(pool, paths, cfg.labels)
+    names = sorted(set(classes)) if classes is not None else []
+    labels = _labels_of(classes, names, str(pool)) if classes is not None else np.full(len(paths), -1, np.int64)
+    keys = ["/".join(rel) for rel in _relative_parts(pool, paths)]  # the split follows the folder when it moves
+    rows = _holdout_split(cfg, split, keys, labels, str(pool))
+    return ImageFilesDataset("folder", split, pool, [paths[i] for i in rows], labels[rows], names, cfg.skip_corrupt)
+
+
+def natural_sorted(names: set[str]) -> list[str]:
+    """Class names sorted, numerically when every name is an integer (2 before 10)."""
+    if all(n.strip().lstrip("-").isdigit() for n in names):
+        return sorted(names, key=int)
+    return sorted(names)
+
+
+@dataclass
+class FileList:
+    """A filelist's rows: paths as written, and the label / split column when it has one (None: no such column)."""
+
+    entries: list[str]
+    labels: list[str] | None = None
+    splits: list[str] | None = None
+
+
+def read_filelist(path: Path) -> FileList:
+    """``.csv``: a header naming a ``path`` column and optional ``label`` and ``split`` columns; anything else: one
+    path per line (blank lines and lines starting with ``#`` skipped)."""
+    if path.suffix.lower() != ".csv":
+        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+        return FileList([line for line in lines if line and not line.startswith("#")])
+    with open(path, newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle)
+        columns = {name.strip().lower(): name for name in reader.fieldnames or []}
+        if "path" not in columns:
+            raise DataFormatError(f"{path}: a CSV file list needs a header with a 'path' column (optionally 'label' "
+                                  f"and 'split'); its header is {reader.fieldnames or 'empty'}")
+        rows = list(reader)
+
+    def column(name: str) -> list[str] | None:
+        key = columns.get(name)
+        return None if key is None else [(row.get(key) or "").strip() for row in rows]
+
+    entries = column("path") or []
+    for number, entry in enumerate(entries, start=2):
+        if not entry:
+            raise DataFormatError(f"{path}, line {number}: the path is empty")
+    return FileList(entries, column("label"), column("split"))
+
+
+@register_dataset("filelist")
+def _build_filelist(cfg: DataConfig, split: str) -> ImageDataset:
+    """The images a list file names (``data.path``: a text file, one path per line, or a CSV with ``path`` and
+    optional ``label`` / ``split`` columns); relative paths are relative to the list file's folder. Labels (with
+    ``data.labels=auto``): the label column's names, sorted, as classes; an empty cell is unlabelled. Splits: the
+    split column's values, else ``data.val_fraction`` held out by :func:`held_out`."""
+    if cfg.path is None:
+        raise ConfigError("data.name='filelist' needs data.path=<a .txt file with one image path per line, or a .csv "
+                          "with a 'path' column (and optionally 'label' and 'split')>")
+    list_path = Path(cfg.path)
+    if not list_path.is_file():
+        raise FileNotFoundError(f"file list {list_path} does not exist; set data.path to a .txt or .csv list of images")
+    listed = read_filelist(list_path)
+    if not listed.entries:
+        raise DataFormatError(f"{list_path} lists no image")
+    folder = list_path.parent
+    paths = [str(folder / Path(entry).expanduser()) for entry in listed.entries]  # an absolute entry stays as it is
+    names: list[str] = []
+    labels = np.full(len(paths), -1, dtype=np.int64)
+    if listed.labels is not None and cfg.labels == "auto" and any(listed.labels):
+        names = natural_sorted({name for name in listed.labels if name})
+        labels = _labels_of([name or None for name in listed.labels], names, str(list_path))
+    if listed.splits is not None:
+        values = sorted(set(listed.splits))
+        if "" in values:
+            raise DataFormatError(f"{list_path}: row {listed.splits.index('') + 2} has an empty split; give every row "
+                                  "one (e.g. train or val), or drop the split column")
+        _check_split(cfg, split, values)
+        rows = np.flatnonzero(np.array(listed.splits) == split)
+    else:
+        rows = _holdout_split(cfg, split, [Path(entry).as_posix() for entry in listed.entries], labels, str(list_path))
+    missing = [paths[i] for i in rows if not os.path.isfile(paths[i])]
+    if missing:
+        if not cfg.skip_corrupt:
+            raise FileNotFoundError(f"{list_path} names {len(missing)} file(s) that do not exist, e.g. {missing[0]} "
+                                    "(relative paths are relative to the list file's folder); fix the list, or set "
+                                    "data.skip_corrupt=true to leave them out")
+        warnings.warn(f"{list_path}: leaving out {len(missing)} listed file(s) that do not exist, e.g. {missing[0]}",
+                      CorruptImageWarning, stacklevel=2)
+        absent = set(missing)
+        rows = np.array([i for i in rows if paths[i] not in absent], dtype=np.int64)
+    return ImageFilesDataset("filelist", split, folder, [paths[i] for i in rows], labels[rows], names,
+                             cfg.skip_corrupt)
+
+
+def folder_images(folder: str | Path, skip_corrupt: bool = False) -> ImageFilesDataset:
+    """Every image under ``folder`` (recursive, sorted, hidden files and folders left out), unlabelled: what
+    ``selfsup embed`` reads."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder {root} does not exist")
+    paths = _images_under(root)
+    if not paths:
+        raise _no_images(root)
+    return ImageFilesDataset("folder", "all", root, paths, np.full(len(paths), -1), [], skip_corrupt)
+
+
+# ---------------------------------------------------------------------------------------------
+# a torch Dataset of your own (the Python API's train(dataset=...))
+
+
+def as_pil(item: Any, where: str) -> Image.Image:
+    """A data set's image as an RGB PIL image: a PIL image (any mode), a uint8 HxW(xC) array, or a CxHxW tensor
+    (uint8, or float in [0, 1])."""
+    if isinstance(item, Image.Image):
+        return item if item.mode == "RGB" else item.convert("RGB")
+    if isinstance(item, torch.Tensor):
+        from torchvision.transforms.functional import to_pil_image
+
+        return to_pil_image(item).convert("RGB")
+    if isinstance(item, np.ndarray) and item.dtype == np.uint8 and item.ndim in (2, 3):
+        return Image.fromarray(item).convert("RGB")
+    raise TypeError(f"{where} gave a {type(item).__name__}: expected a PIL image, a uint8 HxW(xC) array or a CxHxW "
+                    "tensor, alone or as (image, label)")
+
+
+def dataset_labels(dataset: Any) -> tuple[np.ndarray, list[str]]:
+    """The labels and class names of a torch Dataset whose items are images (unlabelled) or ``(image, label)`` pairs:
+    its ``targets`` (and ``classes``) attributes when it has them (torchvision's data sets do), else one pass over
+    the items. A negative or None label marks an unlabelled image."""
+    n = len(dataset)
+    if n == 0:
+        raise ValueError(f"the data set {type(dataset).__name__} is empty")
+    if not isinstance(dataset[0], (tuple, list)):
+        return np.full(n, -1, dtype=np.int64), []
+    targets = getattr(dataset, "targets", None)
+    if targets is None or len(targets) != n:
+        targets = [dataset[i][1] for i in range(n)]
+    labels = np.array([-1 if y is None else int(y) for y in targets], dtype=np.int64)
+    labels[labels < 0] = -1
+    classes = getattr(dataset, "classes", None)
+    if classes is None or len(classes) <= labels.max():
+        classes = [str(c) for c in range(labels.max() + 1)]
+    return labels, [str(c) for c in classes]
+
+
+class TorchImageDataset(ImageDataset):
+    """Rows ``indices`` of a user's torch Dataset, as an :class:`ImageDataset` (the images converted to RGB PIL,
+    the labels from :func:`dataset_labels`)."""
+
+    def __init__(self, dataset: Any, name: str, split: str, indices: Sequence[int], targets: np.ndarray,
+                 classes: list[str]) -> None:
+        self.dataset, self.name, self.split, self.classes = dataset, name, split, list(classes)
+        self.indices = np.asarray(indices, dtype=np.int64)
+        self.targets = np.asarray(targets, dtype=np.int64)[self.indices]
+
+    def __getitem__(self, i: int) -> tuple[Image.Image, int]:
+        i = self._check_index(i)
+        item = self.dataset[int(self.indices[i])]
+        image = item[0] if isinstance(item, (tuple, list)) else item
+        return as_pil(image, self.describe(i)), int(self.targets[i])
+
+    def describe(self, i: int) -> str:
+        return f"{self.name}[{int(self.indices[i])}]"
+
+    def keep_first(self, n: int) -> None:
+        self.indices, self.targets = self.indices[:n], self.targets[:n]
+
+
+def register_torch_dataset(name: str, dataset: Any, val_dataset: Any | None = None) -> None:
+    """Make ``data.name=<name>`` read a torch Dataset: its ``train`` split is ``dataset`` (less the held-out part
+    when there is no ``val_dataset``: ``data.val_fraction`` of it, stratified, by :func:`held_out` on the item
+    indices with ``data.split_seed``), ``val`` is ``val_dataset`` or that held-out part, ``all`` all of ``dataset``."""
+    targets, classes = dataset_labels(dataset)
+    val_labels = dataset_labels(val_dataset) if val_dataset is not None else None
+
+    @register_dataset(name)
+    def build(cfg: DataConfig, split: str) -> ImageDataset:
+        _check_split(cfg, split, ["train", "val", "all"])
+        if val_labels is not None and split == "val":
+            return TorchImageDataset(val_dataset, name, split, np.arange(len(val_dataset)), val_labels[0],
+                                     classes or val_labels[1])
+        if val_labels is not None:
+            rows = np.arange(len(dataset))
+        else:
+            rows = _holdout_split(cfg, split, [str(i) for i in range(len(dataset))], targets, name)
+        return TorchImageDataset(dataset, name, split, rows, targets, classes)

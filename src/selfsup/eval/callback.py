@@ -92,5 +92,5 @@ class Evaluation(Callback):
                                                 progress=progress)}
         if random_init and not trainer.signalled:
             results["random_init"] = evaluate_backbone(trainer.initial_backbone_copy(), self.cfg, trainer.device,
-                                                       protocols, progress=progress)
+                                                       protocols, progress=progress, note_skipped=False)
         return results

@@ -81,29 +81,31 @@ def linear_probe_features(backbone: nn.Module, cfg: Config) -> nn.Module:
 
 
 def evaluate_backbone(backbone: nn.Module, cfg: Config, device: torch.device | str,
-                      protocols: list[str], *, progress: bool = False) -> dict[str, float]:
+                      protocols: list[str], *, progress: bool = False, note_skipped: bool = True) -> dict[str, float]:
     """Scores, e.g. ``{"knn20_T0.07": …, "knn20_vote": …, "nn": …, "linear_top1": …}`` (accuracies in percent),
     ``{"rankme": …, "duplicate_pairs": …}``, of the backbone's features (pooled on an ``eval.pool_grid`` grid when
-    set). Label-based protocols on a data set without labels are left out with a one-line note."""
+    set). Label-based protocols on a data set without labels are left out with a one-line note (unless
+    ``note_skipped`` is false: the second backbone scored on the same data)."""
     check_protocols(protocols)
     check_choice("eval.linear_mode", cfg.eval.linear_mode, LINEAR_MODES)
     if "duplicates" in protocols and not -1.0 <= cfg.eval.duplicate_threshold <= 1.0:
         raise ConfigError(f"eval.duplicate_threshold is a cosine similarity in [-1, 1], got "
                           f"{cfg.eval.duplicate_threshold}")
     splits = build_dataset(cfg.data, cfg.data.train_split), build_dataset(cfg.data, cfg.data.val_split)
-    protocols = _runnable(protocols, cfg, *splits)
+    protocols = _runnable(protocols, cfg, *splits, note=note_skipped)
     with pooled_on_grid(backbone, cfg.eval.pool_grid):
         return _scores(backbone, cfg, device, protocols, splits, progress)
 
 
-def _runnable(protocols: list[str], cfg: Config, train_set: Any, val_set: Any) -> list[str]:
+def _runnable(protocols: list[str], cfg: Config, train_set: Any, val_set: Any, note: bool = True) -> list[str]:
     """The protocols that can run: without labels on both splits, the label-based ones are dropped with a note."""
     labelled = has_labels(train_set) and has_labels(val_set) and train_set.num_classes > 0
     skipped = [p for p in protocols if p in LABEL_PROTOCOLS and not labelled]
-    if skipped:
+    if skipped and note:
+        free = ",".join(LABEL_FREE_PROTOCOLS)
         print(f"note: {', '.join(skipped)} skipped: data set {cfg.data.name!r} has no labels "
-              f"({cfg.data.train_split}/{cfg.data.val_split}); label-free protocols: {', '.join(LABEL_FREE_PROTOCOLS)}",
-              flush=True)
+              f"({cfg.data.train_split}/{cfg.data.val_split}); label-free protocols: {free} "
+              f"(selfsup eval --protocol {free}, or eval.protocols=[{free}])", flush=True)
     return [p for p in protocols if p not in skipped]
 
 

@@ -93,7 +93,7 @@ def evaluate_checkpoint(path: str | Path, protocols: list[str], overrides: list[
     target = resolve_device(device or cfg.train.device)
     results = {"trained": evaluate_backbone(backbone, cfg, target, protocols, progress=True)}
     if random_init:
-        results["random_init"] = evaluate_backbone(initial, cfg, target, protocols, progress=True)
+        results["random_init"] = evaluate_backbone(initial, cfg, target, protocols, progress=True, note_skipped=False)
     print(what)
     print(format_scores(results))
     previous = read_scores(out) if out.is_file() else {}

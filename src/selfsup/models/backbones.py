@@ -1,4 +1,5 @@
-"""Backbone registry: torchvision ResNets (with an optional small-image stem) and a tiny CPU ResNet.
+"""Backbone registry: torchvision ResNets (with an optional small-image stem), a tiny CPU ResNet, SeLa's AlexNet,
+and ``timm:<name>`` for any timm model.
 
 ``build_backbone(name, ...)`` returns ``(module, feature_dim)``; the module maps images to pooled
 features (its classifier replaced by ``Identity``), and its parameter names are the library's own, so
@@ -7,6 +8,7 @@ an exported state dict loads into the plain torchvision model.
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Callable
 from functools import partial
 
@@ -26,15 +28,68 @@ def register_backbone(name: str) -> Callable[[BackboneBuilder], BackboneBuilder]
     return BACKBONES.register(name)
 
 
+def backbone_builder(name: str) -> BackboneBuilder:
+    """The builder of ``model.backbone=name``: a registered backbone, or ``timm:<model>`` for any timm model."""
+    if name.startswith(TIMM_PREFIX):
+        return timm_builder(name[len(TIMM_PREFIX):])
+    if name.startswith("python:") and name not in BACKBONES:
+        raise ConfigError(f"model.backbone={name!r} was an nn.Module given to selfsup.train() in another Python "
+                          "process; pass it again there (backbone=...), or register a builder with @register_backbone "
+                          "in a module named under imports")
+    return BACKBONES[name]
+
+
+def is_backbone(name: str) -> bool:
+    """Whether ``model.backbone=name`` names a backbone this process can build."""
+    try:
+        backbone_builder(name)
+    except ConfigError:
+        return False
+    return True
+
+
 def build_backbone(cfg: ModelConfig) -> tuple[nn.Module, int]:
     """The encoder named by ``cfg.backbone`` and the width of its pooled features."""
-    return BACKBONES[cfg.backbone](cfg)
+    return backbone_builder(cfg.backbone)(cfg)
 
 
 def backbone_factory(cfg: ModelConfig) -> Callable[[], tuple[nn.Module, int]]:
     """What a method receives: a call that builds a fresh backbone of ``cfg`` (and its feature width)."""
-    BACKBONES[cfg.backbone]  # an unknown name fails now, with a suggestion, not inside the method
+    backbone_builder(cfg.backbone)  # an unknown name fails now, with a suggestion, not inside the method
     return partial(build_backbone, cfg)
+
+
+# ---------------------------------------------------------------------------------------------
+# timm:<name>: any timm model, randomly initialised, its classifier removed
+
+TIMM_PREFIX = "timm:"
+
+
+def timm_builder(model_name: str) -> BackboneBuilder:
+    """``model.backbone=timm:<model_name>``: ``timm.create_model(model_name, pretrained=False, num_classes=0)``, whose
+    forward gives the pooled features (width: timm's ``head_hidden_size`` where the model has a pre-logits layer,
+    else ``num_features``). timm builds the model as it defines it: ``model.small_stem``, ``zero_init_residual`` and
+    the ViT keys do not apply; ``model.drop_path_rate`` is passed on when non-zero."""
+    import timm
+
+    if not model_name or not timm.is_model(model_name):
+        close = difflib.get_close_matches(model_name, timm.list_models(), n=3, cutoff=0.6)
+        hint = f"; close timm names: {', '.join(close)}" if close else ""
+        raise ConfigError(f"model.backbone={TIMM_PREFIX + model_name!r} is not a timm model{hint} "
+                          "(timm.list_models() lists them all)")
+
+    def build(cfg: ModelConfig) -> tuple[nn.Module, int]:
+        if cfg.widths is not None or cfg.pool_grid != 1:
+            raise ConfigError(f"model.widths and model.pool_grid apply to resnet_mini only; {cfg.backbone} is built "
+                              "as timm defines it")
+        options = {"drop_path_rate": cfg.drop_path_rate} if cfg.drop_path_rate else {}
+        try:
+            net = timm.create_model(model_name, pretrained=False, num_classes=0, **options)
+        except TypeError as error:  # an option this architecture does not take
+            raise ConfigError(f"{cfg.backbone}: timm cannot build it with {options}: {error}") from None
+        return net, int(getattr(net, "head_hidden_size", None) or net.num_features)
+
+    return build
 
 
 def use_small_stem(net: nn.Module, stem_width: int) -> None:
