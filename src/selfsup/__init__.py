@@ -4,9 +4,15 @@ Importing the package registers the built-in methods, data sets and backbones (`
 API (:mod:`selfsup.api`): ``from selfsup import load_config, train, evaluate, load_backbone, embed``.
 """
 
-__version__ = "0.1.0"
-
-# after __version__ (the CLI reads it); importing the API registers the built-ins
-from selfsup.api import RunResult, build_trainer, embed, evaluate, load_backbone, load_config, train  # noqa: E402
+from selfsup.api import (  # registers the built-ins
+    RunResult,
+    build_trainer,
+    embed,
+    evaluate,
+    load_backbone,
+    load_config,
+    train,
+)
+from selfsup.version import __version__
 
 __all__ = ["RunResult", "__version__", "build_trainer", "embed", "evaluate", "load_backbone", "load_config", "train"]

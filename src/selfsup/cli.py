@@ -15,9 +15,9 @@ import sys
 
 import yaml
 
-from selfsup import __version__
 from selfsup.config import Config, ConfigError, config_from_dict, load_config, parse_override, set_dotted
 from selfsup.recipe_files import RECIPES, find_recipe
+from selfsup.version import __version__
 
 __all__ = ["RECIPES", "find_recipe", "main", "parser"]  # RECIPES and find_recipe: re-exported for scripts
 

@@ -314,8 +314,9 @@ def environment_info() -> dict[str, Any]:
     import torch
     import torchvision
 
-    import selfsup
+    from selfsup.version import __version__
 
+    package = Path(__file__).resolve().parent  # selfsup's own folder
     cuda = torch.cuda.is_available()
     world_size = (torch.distributed.get_world_size() if torch.distributed.is_available()
                   and torch.distributed.is_initialized() else int(os.environ.get("WORLD_SIZE", "1")))
@@ -324,9 +325,9 @@ def environment_info() -> dict[str, Any]:
         "executable": sys.executable,
         "platform": platform.platform(),
         "hostname": platform.node(),
-        "selfsup": selfsup.__version__,
-        "selfsup_path": str(Path(selfsup.__file__).resolve().parent),
-        "git": git_commit(Path(selfsup.__file__).resolve().parent),
+        "selfsup": __version__,
+        "selfsup_path": str(package),
+        "git": git_commit(package),
         "torch": torch.__version__,
         "torchvision": torchvision.__version__,
         "timm": _version("timm"),
