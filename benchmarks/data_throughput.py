@@ -260,7 +260,7 @@ def two_stage_pipeline(options: Options) -> Pipeline:
         if device not in generator:
             stage2.to(device)
             generator[device] = torch.Generator(device=device).manual_seed(0)
-        return stage2([v.to(device, non_blocking=True) for v in views], choices, generator[device])
+        return stage2(views, choices, generator[device])
 
     return Pipeline(SeededKeys(route.dataset), to_views)
 

@@ -39,9 +39,6 @@ from selfsup.data.loader import Choices, ImageTensorDataset, ViewDataset
 from selfsup.data.transforms import PerImageViews, randaugment
 from selfsup.errors import ConfigError, ImageLoadError, check_choice
 
-DeviceStep = Callable[[object, Choices, torch.Generator], list[Tensor]]  # loader views -> views on the device
-
-
 # ---------------------------------------------------------------------------------------------- stage 1
 
 
@@ -79,6 +76,19 @@ def crop_boxes_and_flips(height: int, width: int, recipes: Sequence[R.Recipe]) -
     return boxes, flips
 
 
+def draw_recipes(layout: R.ViewLayout) -> tuple[list[R.Recipe], Choices]:
+    """The recipe of every view for one image: each choice draws u ~ U[0, 1) and takes the alternative when u < p."""
+    recipes: list[R.Recipe] = []
+    choices: Choices = {}
+    for name, default, alternative, p in layout.options():
+        chosen = False
+        if name is not None:
+            chosen = bool(torch.rand(()).item() < p)
+            choices[name] = torch.tensor(chosen)
+        recipes += list(alternative if chosen else default)  # type: ignore[arg-type]
+    return recipes, choices
+
+
 class StagedViews:
     """``image -> (uint8 views, choices)``: stage 1 of every view of a resolved layout. Per image: each choice
     draws u ~ U[0, 1) (the alternative when u < p, as :class:`~selfsup.data.transforms.PerImageViews`), then every
@@ -87,29 +97,12 @@ class StagedViews:
     are already in memory, at full size); RandAugment last, per view."""
 
     def __init__(self, layout: R.ViewLayout, mean: Sequence[float]):
-        self.slots: list[tuple[str | None, tuple, tuple, float]] = []
-        for slot in layout.slots:
-            if isinstance(slot, R.Choice):
-                self.slots.append((slot.name, slot.default, slot.alternative, slot.p))
-            else:
-                self.slots.append((None, (slot,), (), 0.0))
+        self.layout = layout
         self.randaugments = {recipe: randaugment(recipe.op(R.RandAugment), recipe.size, mean)
                              for recipe in layout.recipes() if recipe.op(R.RandAugment) is not None}
 
-    def draw_choices(self) -> tuple[list[R.Recipe], Choices]:
-        """The recipe of every view for one image, after drawing its choices."""
-        recipes: list[R.Recipe] = []
-        choices: Choices = {}
-        for name, default, alternative, p in self.slots:
-            chosen = False
-            if name is not None:
-                chosen = bool(torch.rand(()).item() < p)
-                choices[name] = torch.tensor(chosen)
-            recipes += list(alternative if chosen else default)
-        return recipes, choices
-
     def __call__(self, image: Image.Image) -> tuple[list[Tensor], Choices]:
-        recipes, choices = self.draw_choices()
+        recipes, choices = draw_recipes(self.layout)
         height, width = oriented_size(image)  # from the header of a lazily opened file
         boxes, flips = crop_boxes_and_flips(height, width, recipes)
         views: list[Tensor] = [torch.empty(0)] * len(recipes)
@@ -152,7 +145,8 @@ class Stage2(nn.Module):
         self.augments = nn.ModuleList(batch_augment(recipe, mean, std, geometry=False) for recipe in recipes)
 
     def forward(self, views: list[Tensor], choices: Choices, generator: torch.Generator) -> list[Tensor]:
-        device = views[0].device
+        device = self.augments[0].mean.device  # where the module was moved: the loader's views go there
+        views = [view.to(device, non_blocking=True) for view in views]
         jobs: dict[int, list[tuple[int, Tensor | None]]] = {}
         for position, (name, default, alternative) in enumerate(self.positions):
             if name is None:
@@ -188,6 +182,7 @@ class DeviceViews(nn.Module):
             batch_augment(recipe, mean, std) for recipe in layout.recipes())  # type: ignore[arg-type]
 
     def forward(self, images: Tensor, choices: Choices, generator: torch.Generator) -> list[Tensor]:
+        images = images.to(self.augments[0].mean.device, non_blocking=True)
         return [augment(images, generator) for augment in self.augments]
 
 
@@ -198,18 +193,18 @@ Encoded = tuple[list[Tensor], Tensor, Tensor, Tensor]  # JPEG bytes, EXIF orient
 
 class EncodedViews:
     """``data.decode=gpu``, stage 1 on the workers: the JPEG's bytes (read, not decoded), its EXIF orientation,
-    and every view's crop box (upright coordinates, from the header's size) and flip, drawn as :class:`StagedViews`
-    draws them. A file that is no JPEG is one clear error (nvjpeg decodes JPEG only)."""
+    and every view's crop box (upright coordinates, from the header's size) and flip, drawn as stage 1 draws them.
+    A file that is no JPEG is one clear error (nvjpeg decodes JPEG only)."""
 
     def __init__(self, layout: R.ViewLayout):
-        self.staged = StagedViews(layout, (0.0, 0.0, 0.0))  # its slots; RandAugment is refused for this route
+        self.layout = layout
 
     def __call__(self, image: Image.Image) -> tuple[tuple[Tensor, Tensor, Tensor, Tensor], Choices]:
         name = getattr(image, "filename", "")
         if image.format != "JPEG" or not name:
             raise ImageLoadError(f"data.decode=gpu decodes JPEG files only; {name or 'an in-memory image'} is "
                                  f"{image.format or 'not a file'}: use data.decode=cpu")
-        recipes, choices = self.staged.draw_choices()
+        recipes, choices = draw_recipes(self.layout)
         boxes, flips = crop_boxes_and_flips(*oriented_size(image), recipes)
         boxes, flips = torch.tensor(boxes, dtype=torch.int64), torch.tensor(flips)
         data = torch.frombuffer(bytearray(Path(name).read_bytes()), dtype=torch.uint8)
@@ -278,7 +273,7 @@ class TrainingViews:
     """The loader's data set and, for ``data.augment=batch``, the device step that completes the views."""
 
     dataset: Dataset  # samples (views, choices, index, label)
-    device_step: nn.Module | None  # (loader views on the device, CPU choices, generator) -> views; None: ready
+    device_step: nn.Module | None  # (loader views, CPU choices, generator) -> views on its device; None: ready
     route: str  # per_sample | device | two_stage | gpu_decode
     collate: Callable[[list], object] = default_collate
 

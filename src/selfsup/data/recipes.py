@@ -181,6 +181,12 @@ class ViewLayout:
                 out.append((slot,))
         return out
 
+    def options(self) -> list[tuple[str | None, tuple[Recipe | str, ...], tuple[Recipe | str, ...], float]]:
+        """Per slot, (its choice's name or None, the default views, the alternative views, p): the shape every
+        backend draws from (a fixed recipe is a slot without a choice)."""
+        return [(slot.name, slot.default, slot.alternative, slot.p) if isinstance(slot, Choice) else
+                (None, (slot,), (), 0.0) for slot in self.slots]
+
     def choices(self) -> list[Choice]:
         return [slot for slot in self.slots if isinstance(slot, Choice)]
 

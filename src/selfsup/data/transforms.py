@@ -182,12 +182,8 @@ class PerImageViews:
         def build(recipes: Sequence[R.Recipe | str]) -> list[Transform]:
             return [pil_transform(recipe, mean, std) for recipe in recipes]  # type: ignore[arg-type]
 
-        self.slots: list[tuple[str | None, list[Transform], list[Transform], float]] = []
-        for slot in layout.slots:
-            if isinstance(slot, R.Choice):
-                self.slots.append((slot.name, build(slot.default), build(slot.alternative), slot.p))
-            else:
-                self.slots.append((None, build([slot]), [], 0.0))
+        self.slots = [(name, build(default), build(alternative), p)
+                      for name, default, alternative, p in layout.options()]
 
     def __call__(self, image: Image.Image) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
         views: list[torch.Tensor] = []

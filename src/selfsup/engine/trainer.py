@@ -166,6 +166,7 @@ class Trainer:
         self._saved_at = (-1, -1)
         self._epoch_sums: dict[str, float] = {}  # loss and log sums of the epoch so far (a mid-epoch checkpoint)
         self._last_loss: torch.Tensor | None = None
+        self._running_sums: tuple[torch.Tensor, dict[str, torch.Tensor]] | None = None  # this epoch's, for a checkpoint
         self._signal: int | None = None
         # the finite-loss check's cadence: every step on CPU (free), every log_every_steps on GPU (a host sync)
         self.finite_check_every = 1 if self.device.type == "cpu" else cfg.train.log_every_steps
@@ -339,7 +340,7 @@ class Trainer:
             "total_steps": self.total_steps,
             "rng_cpu": torch.get_rng_state(),
         }
-        if 0 < self.step_in_epoch < self.steps_per_epoch and hasattr(self, "_running_sums"):
+        if 0 < self.step_in_epoch < self.steps_per_epoch and self._running_sums is not None:
             loss_sum, log_sums = self._running_sums
             values = torch.stack([loss_sum, *log_sums.values()]).tolist()  # one transfer, at checkpoint time only
             state["epoch_sums"] = dict(zip(["loss", *log_sums], values, strict=True))
@@ -449,12 +450,11 @@ class Trainer:
 
     def _complete(self, pipeline: TrainingViews, views: Any, choices: dict, generator: torch.Generator
                   ) -> list[torch.Tensor]:
-        """The views of a loader batch on the device: moved there, and finished by the route's device step."""
-        if isinstance(views, torch.Tensor):
-            views = views.to(self.device, non_blocking=True)
-        elif pipeline.route != "gpu_decode":  # encoded JPEGs stay on the host for nvjpeg
-            views = [view.to(self.device, non_blocking=True) for view in views]
-        return pipeline.device_step(views, choices, generator) if pipeline.device_step is not None else views
+        """The views of a loader batch on the device: finished there by the route's device step (which takes the
+        loader's tensors where they are), or moved there when they come ready."""
+        if pipeline.device_step is not None:
+            return pipeline.device_step(views, choices, generator)
+        return [view.to(self.device, non_blocking=True) for view in views]
 
     def to_batch(self, sample: tuple) -> Batch:
         """A loader sample ``(views, choices, indices, labels)`` as the method's :class:`Batch` on the device (the
@@ -493,19 +493,19 @@ class Trainer:
         forward on its own (BatchNorm statistics, queue and memory-bank writes per micro-batch), each loss weighted
         by its share of the batch so the gradients are those of the batch's mean loss, DDP synchronising once."""
         parts = batch.split(self.cfg.train.accumulate_steps)
+        weights = [len(part.indices) / len(batch.indices) for part in parts]
         outs = []
-        for i, part in enumerate(parts):
+        for i, (part, weight) in enumerate(zip(parts, weights, strict=True)):
             last = i == len(parts) - 1
             with self.ddp.no_sync() if self.ddp is not None and not last else nullcontext():
                 with self.autocast():
                     out = self.model(part)
                 if out.neighbours is not None and self.targets is not None:
                     out.logs["purity"] = neighbour_purity(out.neighbours, part.indices, self.targets)
-                (out.loss * (len(part.indices) / len(batch.indices)) if len(parts) > 1 else out.loss).backward()
+                (out.loss * weight if len(parts) > 1 else out.loss).backward()
             outs.append(out)
         if len(outs) == 1:
             return outs[0]
-        weights = [len(part.indices) / len(batch.indices) for part in parts]
         loss = sum(w * o.loss.detach() for w, o in zip(weights, outs, strict=True))
         logs = {key: sum(w * o.logs[key].detach().float() for w, o in zip(weights, outs, strict=True))
                 for key in outs[0].logs}
