@@ -25,9 +25,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from selfsup.config import Config, ConfigError, config_from_dict, set_dotted
+from selfsup.config import Config, ConfigError, apply_overrides, config_from_dict
 from selfsup.config import load_config as load_config_file
-from selfsup.config import parse_override as _parse_override
 from selfsup.data.datasets import ImageDataset, TorchImageDataset, folder_images, register_torch_dataset
 from selfsup.engine.trainer import Trainer, resolve_device
 from selfsup.eval.callback import Evaluation
@@ -67,10 +66,7 @@ def build_trainer(cfg: Config, resume: str | Path | None = None) -> Trainer:
 def _with_overrides(cfg: Config, overrides: list[str] | None) -> Config:
     if not overrides:
         return copy.deepcopy(cfg)
-    raw = cfg.to_dict()
-    for word in overrides:
-        set_dotted(raw, *_parse_override(word))
-    return config_from_dict(raw)
+    return config_from_dict(apply_overrides(cfg.to_dict(), overrides))
 
 
 def _as_config(cfg_or_recipe: Config | str | Path | None, overrides: list[str] | None) -> Config:

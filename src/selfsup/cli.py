@@ -15,7 +15,7 @@ import sys
 
 import yaml
 
-from selfsup.config import Config, ConfigError, config_from_dict, load_config, parse_override, set_dotted
+from selfsup.config import Config, ConfigError, apply_overrides, config_from_dict, load_config
 from selfsup.recipe_files import RECIPES, find_recipe
 from selfsup.version import __version__
 
@@ -34,8 +34,7 @@ def config_for_train(args: argparse.Namespace) -> Config:
         checkpoint = resolve_checkpoint(args.resume)
         raw = load_checkpoint(checkpoint)["config"]
         raw.pop("launcher", None)  # how the run was started is no default for how it continues
-        for word in words:
-            set_dotted(raw, *parse_override(word))
+        apply_overrides(raw, words)
         run_dir = checkpoint.parent
         raw["train"].update(output_dir=str(run_dir.parent), run_name=run_dir.name)
         return config_from_dict(raw)

@@ -328,13 +328,16 @@ class Config:
 
 def load_config(recipe: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Build a :class:`Config` from an optional YAML recipe and dotted overrides."""
-    raw: dict[str, Any] = {}
-    if recipe is not None:
-        raw = read_yaml(recipe)
+    raw: dict[str, Any] = read_yaml(recipe) if recipe is not None else {}
+    return config_from_dict(apply_overrides(raw, overrides))
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
+    """``raw`` (a config mapping: a recipe, a checkpoint's config) with the dotted ``key=value`` words applied, in
+    place; returned for chaining."""
     for word in overrides or []:
-        key, value = parse_override(word)
-        set_dotted(raw, key, value)
-    return config_from_dict(raw)
+        set_dotted(raw, *parse_override(word))
+    return raw
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:

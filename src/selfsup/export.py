@@ -267,13 +267,21 @@ def export_run(checkpoint: str | Path, out: str | Path) -> tuple[Path, BackboneI
         raise CheckpointError(f"{path} has no 'config'/'method' entries: not a selfsup run checkpoint "
                               "(for a seed's published checkpoint use `selfsup import`)")
     cfg = config_from_dict(state["config"])
-    prefix = _backbone_prefix(cfg)
-    tensors = {k[len(prefix):]: v for k, v in state["method"].items() if k.startswith(prefix)}
-    module, feature_dim = build_backbone(cfg.model)
-    load_strict(module, tensors, f"{path}: the backbone under {prefix!r}")  # complete and consistent
+    module, feature_dim, tensors = run_backbone(state, cfg, path)
     info = BackboneInfo.from_model_config(cfg.model, feature_dim,
                                           f"{path} (epoch {state.get('epoch')}, step {state.get('step')})")
     return save_backbone(tensors, out, info), info
+
+
+def run_backbone(state: dict[str, Any], cfg: Config, path: str | Path
+                 ) -> tuple[nn.Module, int, dict[str, torch.Tensor]]:
+    """(the backbone with its trained weights, its feature width, its tensors) of a run checkpoint's ``state``, from
+    the checkpoint alone (no data set): the method's backbone keys, strictly loaded (complete and consistent)."""
+    prefix = _backbone_prefix(cfg)
+    tensors = {k[len(prefix):]: v for k, v in state["method"].items() if k.startswith(prefix)}
+    module, feature_dim = build_backbone(cfg.model)
+    load_strict(module, tensors, f"{path}: the backbone under {prefix!r}")
+    return module, feature_dim, tensors
 
 
 # ---------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from selfsup.config import Config, config_from_dict, parse_override, set_dotted
+from selfsup.config import Config, apply_overrides, config_from_dict
 from selfsup.data.datasets import ImageLoadError, folder_images
 from selfsup.data.transforms import transform_from_config
 from selfsup.engine.checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint
@@ -42,7 +42,7 @@ def load_frozen_backbone(source: str | Path, overrides: list[str] | None = None)
     or a backbone file (``selfsup export`` / ``import``; its data keys come from ``overrides``). A run's backbone is
     read from the checkpoint alone, as ``selfsup export`` reads it: the run's data set need not be here."""
     from selfsup.eval.run import load_backbone_file
-    from selfsup.export import _backbone_prefix, build_backbone, load_strict
+    from selfsup.export import run_backbone
 
     state = None if Path(source).suffix == ".safetensors" else load_checkpoint(source)
     if state is None or "selfsup" in state:
@@ -52,14 +52,8 @@ def load_frozen_backbone(source: str | Path, overrides: list[str] | None = None)
     if "config" not in state or "method" not in state:
         raise CheckpointError(f"{checkpoint} has no 'config'/'method' entries: not a selfsup run checkpoint or "
                               "backbone file")
-    raw = copy.deepcopy(state["config"])
-    for word in overrides or []:
-        set_dotted(raw, *parse_override(word))
-    cfg = config_from_dict(raw)
-    prefix = _backbone_prefix(cfg)
-    tensors = {k[len(prefix):]: v for k, v in state["method"].items() if k.startswith(prefix)}
-    backbone, _ = build_backbone(cfg.model)
-    load_strict(backbone, tensors, f"{checkpoint}: the backbone under {prefix!r}")
+    cfg = config_from_dict(apply_overrides(copy.deepcopy(state["config"]), overrides))
+    backbone, _, _ = run_backbone(state, cfg, checkpoint)
     return cfg, backbone.eval(), f"{checkpoint} (epoch {state.get('epoch')}, step {state.get('step')})"
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 from torch import nn
 
-from selfsup.config import Config, config_from_dict, parse_override, set_dotted
+from selfsup.config import Config, apply_overrides, config_from_dict
 from selfsup.data.datasets import build_dataset
 from selfsup.engine.checkpoint import CheckpointError, atomic_write, load_checkpoint, resolve_checkpoint
 from selfsup.engine.trainer import method_for, resolve_device, seed_everything
@@ -46,10 +46,7 @@ def load_run(path: str | Path, overrides: list[str] | None = None, state: dict |
     state = state if state is not None else load_checkpoint(checkpoint)
     if "config" not in state or "method" not in state:
         raise CheckpointError(f"{checkpoint} has no 'config'/'method' entries: it is not a selfsup run checkpoint")
-    raw = copy.deepcopy(state["config"])
-    for word in overrides or []:
-        set_dotted(raw, *parse_override(word))
-    cfg = config_from_dict(raw)
+    cfg = config_from_dict(apply_overrides(copy.deepcopy(state["config"]), overrides))
     train_set = build_dataset(cfg.data, cfg.data.train_split)
     seed_everything(cfg.train.seed)
     method = method_for(cfg, len(train_set), train_set.num_classes)
@@ -65,10 +62,7 @@ def load_backbone_file(path: str | Path, overrides: list[str] | None = None, sta
     from selfsup.export import build_from_info, load_strict, read_backbone
 
     tensors, info = read_backbone(path, state)
-    raw: dict[str, Any] = {"model": dataclasses.asdict(info.model_config())}
-    for word in overrides or []:
-        set_dotted(raw, *parse_override(word))
-    cfg = config_from_dict(raw)
+    cfg = config_from_dict(apply_overrides({"model": dataclasses.asdict(info.model_config())}, overrides))
     seed_everything(cfg.train.seed)
     initial = build_from_info(info).eval()
     backbone = copy.deepcopy(initial)
